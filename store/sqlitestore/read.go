@@ -1,0 +1,139 @@
+package sqlitestore
+
+import (
+	"context"
+	"database/sql"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/sendonce/sendonce/store"
+)
+
+// Get returns the record of (tenant, key) without Data.
+func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, error) {
+	if s.closed.Load() {
+		return store.Record{}, store.ErrClosed
+	}
+	row := s.rdb.QueryRowContext(ctx, "SELECT "+recordCols+" FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key)
+	r, err := scanRecord(row, false)
+	if errors.Is(err, sql.ErrNoRows) {
+		return store.Record{}, fmt.Errorf("sqlitestore: get %q: %w", key, store.ErrNotFound)
+	}
+	if err != nil {
+		return store.Record{}, s.readErr(fmt.Sprintf("get %q", key), err)
+	}
+	return r, nil
+}
+
+// The cursor is the id of the last record of the previous page, with a
+// version prefix so a future format can be told apart.
+const cursorPrefix = "v1:"
+
+func encodeCursor(id int64) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(cursorPrefix + strconv.FormatInt(id, 10)))
+}
+
+func decodeCursor(c string) (int64, error) {
+	b, err := base64.RawURLEncoding.DecodeString(c)
+	if err != nil {
+		return 0, store.ErrBadCursor
+	}
+	rest, ok := strings.CutPrefix(string(b), cursorPrefix)
+	if !ok {
+		return 0, store.ErrBadCursor
+	}
+	id, err := strconv.ParseInt(rest, 10, 64)
+	if err != nil || id <= 0 {
+		return 0, store.ErrBadCursor
+	}
+	return id, nil
+}
+
+// List returns a page of one tenant's records, newest (highest ID) first.
+func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
+	if s.closed.Load() {
+		return store.Page{}, store.ErrClosed
+	}
+	if f.State != "" && !f.State.Valid() {
+		return store.Page{}, fmt.Errorf("sqlitestore: list: unknown state %q", f.State)
+	}
+	limit := f.Limit
+	switch {
+	case limit <= 0:
+		limit = store.DefaultListLimit
+	case limit > store.MaxListLimit:
+		limit = store.MaxListLimit
+	}
+	q := "SELECT " + recordCols + " FROM emails WHERE tenant = ?"
+	args := []any{f.Tenant}
+	if f.State != "" {
+		q += " AND state = ?"
+		args = append(args, string(f.State))
+	}
+	if f.Cursor != "" {
+		after, err := decodeCursor(f.Cursor)
+		if err != nil {
+			return store.Page{}, fmt.Errorf("sqlitestore: list: %w", err)
+		}
+		q += " AND id < ?"
+		args = append(args, after)
+	}
+	q += " ORDER BY id DESC LIMIT ?"
+	args = append(args, limit+1) // one more tells whether there is a next page
+	rows, err := s.rdb.QueryContext(ctx, q, args...)
+	if err != nil {
+		return store.Page{}, s.readErr("list", err)
+	}
+	defer rows.Close()
+	var p store.Page
+	for rows.Next() {
+		r, err := scanRecord(rows, false)
+		if err != nil {
+			return store.Page{}, s.readErr("list", err)
+		}
+		p.Records = append(p.Records, r)
+	}
+	if err := rows.Err(); err != nil {
+		return store.Page{}, s.readErr("list", err)
+	}
+	if len(p.Records) > limit {
+		p.Records = p.Records[:limit]
+		p.Next = encodeCursor(p.Records[limit-1].ID)
+	}
+	return p, nil
+}
+
+// Counts returns the number of records per state, every state present
+// (zero when there are none); tenant "*" counts all tenants.
+func (s *Store) Counts(ctx context.Context, tenant string) (store.Counts, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	q := "SELECT state, COUNT(*) FROM emails WHERE tenant = ? GROUP BY state"
+	args := []any{tenant}
+	if tenant == "*" {
+		q = "SELECT state, COUNT(*) FROM emails GROUP BY state"
+		args = nil
+	}
+	rows, err := s.rdb.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, s.readErr("counts", err)
+	}
+	defer rows.Close()
+	c := store.Counts{store.StateQueued: 0, store.StateSending: 0, store.StateSent: 0, store.StateFailed: 0, store.StateInDoubt: 0}
+	for rows.Next() {
+		var st string
+		var n int64
+		if err := rows.Scan(&st, &n); err != nil {
+			return nil, s.readErr("counts", err)
+		}
+		c[store.State(st)] = n
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.readErr("counts", err)
+	}
+	return c, nil
+}

@@ -1,0 +1,358 @@
+package sqlitestore
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/sendonce/sendonce/store"
+)
+
+// Admit records each admission with INSERT ... ON CONFLICT DO NOTHING under
+// the UNIQUE (tenant, idem_key) constraint: uniqueness is the database's, not
+// a check followed by an insert. The whole batch is one request of the
+// writer, so it shares one commit with it and with other callers' requests.
+func (s *Store) Admit(ctx context.Context, batch []store.Admission) ([]store.AdmitResult, error) {
+	if len(batch) == 0 {
+		if s.closed.Load() {
+			return nil, store.ErrClosed
+		}
+		return []store.AdmitResult{}, nil
+	}
+	type encoded struct{ to, tags string }
+	enc := make([]encoded, len(batch))
+	for i, a := range batch {
+		to, err := json.Marshal(a.To)
+		if err != nil {
+			return nil, fmt.Errorf("sqlitestore: admit %q: encode to: %w", a.Key, err)
+		}
+		tags, err := json.Marshal(a.Tags)
+		if err != nil {
+			return nil, fmt.Errorf("sqlitestore: admit %q: encode tags: %w", a.Key, err)
+		}
+		enc[i] = encoded{string(to), string(tags)}
+	}
+	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		res := make([]store.AdmitResult, len(batch))
+		for i, a := range batch {
+			r, err := admitOne(ctx, tx, a, enc[i].to, enc[i].tags)
+			if err != nil {
+				return answer{}, fmt.Errorf("sqlitestore: admit %q: %w", a.Key, err)
+			}
+			res[i] = r
+		}
+		return answer{val: res}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.([]store.AdmitResult), nil
+}
+
+func admitOne(ctx context.Context, tx *sql.Tx, a store.Admission, to, tags string) (store.AdmitResult, error) {
+	next := a.NotBefore
+	if next.IsZero() {
+		next = a.Now
+	}
+	data := a.Data
+	if data == nil {
+		data = []byte{}
+	}
+	now := nanos(a.Now)
+	var id int64
+	err := tx.QueryRowContext(ctx, `INSERT INTO emails
+		(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
+		 next_attempt, created_at, updated_at, data)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)
+		ON CONFLICT (tenant, idem_key) DO NOTHING
+		RETURNING id`,
+		a.Tenant, a.Key, a.Fingerprint, a.MessageID, a.From, to, a.Subject, tags, a.Source,
+		nanos(next), now, now, data).Scan(&id)
+	switch {
+	case err == nil:
+		// Rebuild the record as stored, so the times match a later Get.
+		r := store.Record{
+			ID: id, Tenant: a.Tenant, Key: a.Key, Fingerprint: a.Fingerprint, MessageID: a.MessageID,
+			From: a.From, To: slices.Clone(a.To), Subject: a.Subject, Source: a.Source, State: store.StateQueued,
+			NextAttempt: fromNanos(nanos(next)), CreatedAt: fromNanos(now), UpdatedAt: fromNanos(now),
+		}
+		if err := json.Unmarshal([]byte(tags), &r.Tags); err != nil {
+			return store.AdmitResult{}, err
+		}
+		return store.AdmitResult{Outcome: store.OutcomeNew, Record: r}, nil
+	case !errors.Is(err, sql.ErrNoRows):
+		return store.AdmitResult{}, err
+	}
+	// The key exists. Only the writer writes, so nothing can change the row
+	// between this read and the update below.
+	existing, err := scanRecord(tx.QueryRowContext(ctx,
+		"SELECT "+recordCols+" FROM emails WHERE tenant = ? AND idem_key = ?", a.Tenant, a.Key), false)
+	if err != nil {
+		return store.AdmitResult{}, err
+	}
+	if existing.Fingerprint != a.Fingerprint {
+		return store.AdmitResult{Outcome: store.OutcomeConflict, Record: existing}, nil
+	}
+	if _, err := tx.ExecContext(ctx, "UPDATE emails SET duplicates = duplicates + 1 WHERE id = ?", existing.ID); err != nil {
+		return store.AdmitResult{}, err
+	}
+	existing.Duplicates++
+	return store.AdmitResult{Outcome: store.OutcomeDuplicate, Record: existing}, nil
+}
+
+// inDoubtExpired is the LastError of a record whose lease expired after its
+// commit marker.
+const inDoubtExpired = "lease expired after the commit marker: the upstream may or may not have the message"
+
+// Claim first moves sending records whose lease expired after the marker to
+// in_doubt, then claims due records, oldest due first: queued ones by
+// next_attempt, and marker-less sending ones whose lease expired by their
+// expiry. Both queries are served by indexes (emails_due, emails_lease).
+func (s *Store) Claim(ctx context.Context, req store.ClaimRequest) ([]store.Record, error) {
+	if req.Lease <= 0 {
+		return nil, fmt.Errorf("sqlitestore: claim: lease %v must be positive", req.Lease)
+	}
+	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		recs, err := claim(ctx, tx, req)
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: claim: %w", err)
+		}
+		return answer{val: recs}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.([]store.Record), nil
+}
+
+func claim(ctx context.Context, tx *sql.Tx, req store.ClaimRequest) ([]store.Record, error) {
+	now := nanos(req.Now)
+	if _, err := tx.ExecContext(ctx, `UPDATE emails SET state = 'in_doubt', last_error = ?, updated_at = ?
+		WHERE state = 'sending' AND committing = 1 AND lease_expiry <= ?`, inDoubtExpired, now, now); err != nil {
+		return nil, err
+	}
+	if req.Limit <= 0 {
+		return []store.Record{}, nil
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT id FROM (
+			SELECT id, due FROM (SELECT id, next_attempt AS due FROM emails
+				WHERE state = 'queued' AND next_attempt <= ?1 ORDER BY next_attempt, id LIMIT ?2)
+			UNION ALL
+			SELECT id, due FROM (SELECT id, lease_expiry AS due FROM emails
+				WHERE state = 'sending' AND committing = 0 AND lease_expiry <= ?1 ORDER BY lease_expiry, id LIMIT ?2)
+		) ORDER BY due, id LIMIT ?2`, now, req.Limit)
+	if err != nil {
+		return nil, err
+	}
+	var ids []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	expiry := nanos(req.Now.Add(req.Lease))
+	recs := make([]store.Record, 0, len(ids))
+	for _, id := range ids {
+		r, err := scanRecord(tx.QueryRowContext(ctx, `UPDATE emails SET state = 'sending', fence = fence + 1,
+			lease_owner = ?, lease_expiry = ?, committing = 0, attempts = attempts + 1, updated_at = ?
+			WHERE id = ? RETURNING `+recordCols+`, data`, req.Owner, expiry, now, id), true)
+		if err != nil {
+			return nil, err
+		}
+		recs = append(recs, r)
+	}
+	return recs, nil
+}
+
+// casLease runs a compare-and-set update on a lease that must be held
+// (state sending, same fence, unexpired at now); no row updated means the
+// lease is lost.
+func (s *Store) casLease(ctx context.Context, what string, l store.Lease, query string, args ...any) error {
+	_, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		res, err := tx.ExecContext(ctx, query, args...)
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, err)
+		}
+		if n == 0 {
+			return answer{err: fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, store.ErrLeaseLost)}, nil
+		}
+		return answer{}, nil
+	})
+	return err
+}
+
+// Renew extends a held lease to now+d.
+func (s *Store) Renew(ctx context.Context, l store.Lease, now time.Time, d time.Duration) error {
+	n := nanos(now)
+	return s.casLease(ctx, "renew", l, `UPDATE emails SET lease_expiry = ?, updated_at = ?
+		WHERE id = ? AND fence = ? AND state = 'sending' AND lease_expiry > ?`,
+		nanos(now.Add(d)), n, l.ID, l.Fence, n)
+}
+
+// MarkCommitting sets the commit marker on a held lease. Setting it again
+// under the same fence is a no-op, so the call is safe to retry.
+func (s *Store) MarkCommitting(ctx context.Context, l store.Lease, now time.Time) error {
+	n := nanos(now)
+	return s.casLease(ctx, "mark committing", l, `UPDATE emails SET committing = 1, updated_at = ?
+		WHERE id = ? AND fence = ? AND state = 'sending' AND lease_expiry > ?`,
+		n, l.ID, l.Fence, n)
+}
+
+// Complete ends an attempt; see completion for the rules.
+func (s *Store) Complete(ctx context.Context, c store.Completion) error {
+	if c.Result < store.ResultSent || c.Result > store.ResultRelease {
+		return fmt.Errorf("sqlitestore: complete %d/%d: unknown result %d", c.Lease.ID, c.Lease.Fence, c.Result)
+	}
+	_, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		var (
+			state      string
+			fence      int64
+			committing int64
+		)
+		err := tx.QueryRowContext(ctx, "SELECT state, fence, committing FROM emails WHERE id = ?", c.Lease.ID).
+			Scan(&state, &fence, &committing)
+		if errors.Is(err, sql.ErrNoRows) {
+			return answer{err: fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, store.ErrLeaseLost)}, nil
+		}
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
+		}
+		q, args, lerr := completion(c, store.State(state), fence, committing != 0)
+		if lerr != nil {
+			return answer{err: fmt.Errorf("sqlitestore: complete %d/%d (%s, record %s): %w", c.Lease.ID, c.Lease.Fence, c.Result, state, lerr)}, nil
+		}
+		if q == "" { // an idempotent repeat
+			return answer{}, nil
+		}
+		if _, err := tx.ExecContext(ctx, q+" WHERE id = ? AND fence = ?", append(args, c.Lease.ID, c.Lease.Fence)...); err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
+		}
+		return answer{}, nil
+	})
+	return err
+}
+
+// completion decides what Complete does to a record in state with fence,
+// and returns the UPDATE (without its WHERE) or a logical error:
+//
+//   - another fence: ErrLeaseLost.
+//   - sending: Sent, Failed, Retry, InDoubt apply; Release applies only
+//     without the marker (ErrInvalidState after it) and gives the attempt
+//     back.
+//   - in_doubt under the same fence (the lease expired after the marker, or
+//     the worker reported InDoubt): a late definite answer (Sent, Failed,
+//     Retry) applies; InDoubt only updates the error; Release is
+//     ErrInvalidState.
+//   - sent or failed under the same fence: repeating the result that put it
+//     there is a no-op (a retried call), anything else ErrInvalidState.
+//   - queued under the same fence (after this worker's Retry or Release):
+//     Retry or Release is a no-op, anything else ErrInvalidState.
+func completion(c store.Completion, state store.State, fence int64, committing bool) (string, []any, error) {
+	if fence != c.Lease.Fence {
+		return "", nil, store.ErrLeaseLost
+	}
+	now := nanos(c.Now)
+	retryAt := c.RetryAt
+	if retryAt.IsZero() {
+		retryAt = c.Now
+	}
+	switch state {
+	case store.StateSent, store.StateFailed:
+		if (state == store.StateSent && c.Result == store.ResultSent) || (state == store.StateFailed && c.Result == store.ResultFailed) {
+			return "", nil, nil
+		}
+		return "", nil, store.ErrInvalidState
+	case store.StateQueued:
+		if c.Result == store.ResultRetry || c.Result == store.ResultRelease {
+			return "", nil, nil
+		}
+		return "", nil, store.ErrInvalidState
+	case store.StateSending, store.StateInDoubt:
+	default:
+		return "", nil, store.ErrInvalidState
+	}
+	switch c.Result {
+	case store.ResultSent:
+		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0`,
+			[]any{c.Reply, now, now}, nil
+	case store.ResultFailed:
+		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
+			[]any{c.Error, c.Reply, now}, nil
+	case store.ResultRetry:
+		return `UPDATE emails SET state = 'queued', last_error = ?, reply = ?, next_attempt = ?, committing = 0,
+			updated_at = ?, lease_expiry = 0`,
+			[]any{c.Error, c.Reply, nanos(retryAt), now}, nil
+	case store.ResultInDoubt:
+		return `UPDATE emails SET state = 'in_doubt', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
+			[]any{c.Error, c.Reply, now}, nil
+	case store.ResultRelease:
+		if state != store.StateSending || committing {
+			return "", nil, store.ErrInvalidState
+		}
+		return `UPDATE emails SET state = 'queued', next_attempt = ?, attempts = attempts - 1, committing = 0,
+			updated_at = ?, lease_expiry = 0`,
+			[]any{nanos(retryAt), now}, nil
+	}
+	return "", nil, store.ErrInvalidState
+}
+
+// Resolve applies an operator's action to an in_doubt record and advances
+// its fence, so the worker of the in-doubt attempt can no longer write.
+func (s *Store) Resolve(ctx context.Context, r store.Resolution) (store.Record, error) {
+	if !r.Action.Valid() {
+		return store.Record{}, fmt.Errorf("sqlitestore: resolve %q: unknown action %q", r.Key, r.Action)
+	}
+	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		var id int64
+		var state string
+		err := tx.QueryRowContext(ctx, "SELECT id, state FROM emails WHERE tenant = ? AND idem_key = ?", r.Tenant, r.Key).
+			Scan(&id, &state)
+		if errors.Is(err, sql.ErrNoRows) {
+			return answer{err: fmt.Errorf("sqlitestore: resolve %q: %w", r.Key, store.ErrNotFound)}, nil
+		}
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: resolve %q: %w", r.Key, err)
+		}
+		if store.State(state) != store.StateInDoubt {
+			return answer{err: fmt.Errorf("sqlitestore: resolve %q: record is %s: %w", r.Key, state, store.ErrInvalidState)}, nil
+		}
+		now := nanos(r.Now)
+		by := store.ResolvedBy(r.Action, r.Actor)
+		var q string
+		var args []any
+		switch r.Action {
+		case store.ActionResend:
+			q, args = `state = 'queued', next_attempt = ?`, []any{now}
+		case store.ActionMarkSent:
+			q, args = `state = 'sent', sent_at = ?`, []any{now}
+		case store.ActionFail:
+			q, args = `state = 'failed'`, nil
+		}
+		rec, err := scanRecord(tx.QueryRowContext(ctx, `UPDATE emails SET `+q+`, fence = fence + 1, committing = 0,
+			lease_expiry = 0, resolved_by = ?, updated_at = ? WHERE id = ? RETURNING `+recordCols,
+			append(args, by, now, id)...), false)
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: resolve %q: %w", r.Key, err)
+		}
+		return answer{val: rec}, nil
+	})
+	if err != nil {
+		return store.Record{}, err
+	}
+	return v.(store.Record), nil
+}
