@@ -1,0 +1,332 @@
+// Package sendonce sends every email exactly once, even when the queue in
+// front of it delivers a message twice.
+//
+// A Client records each email in a ledger (a store.Store) under its
+// idempotency key before acknowledging it, answers every later submission of
+// the same key as a duplicate, and delivers each email once through a
+// transport.Transport. The one outcome no protocol can decide (the connection
+// broke after the message was handed over, before the answer) is recorded as
+// in_doubt and never silently repeated. See docs/guarantees.md.
+package sendonce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/sendonce/sendonce/internal/dispatch"
+	"github.com/sendonce/sendonce/store"
+	"github.com/sendonce/sendonce/transport"
+)
+
+// Record is the ledger entry of one email.
+type Record = store.Record
+
+// State is where an email is in its lifecycle.
+type State = store.State
+
+// The states of an email.
+const (
+	StateQueued  = store.StateQueued
+	StateSending = store.StateSending
+	StateSent    = store.StateSent
+	StateFailed  = store.StateFailed
+	StateInDoubt = store.StateInDoubt
+)
+
+// Action resolves an in-doubt email.
+type Action = store.Action
+
+// The resolve actions.
+const (
+	ActionResend   = store.ActionResend
+	ActionMarkSent = store.ActionMarkSent
+	ActionFail     = store.ActionFail
+)
+
+// InDoubtPolicy says what happens to an email whose outcome is unknown.
+type InDoubtPolicy = dispatch.Policy
+
+// The in-doubt policies.
+const (
+	InDoubtHold   = dispatch.PolicyHold
+	InDoubtResend = dispatch.PolicyResend
+)
+
+// DefaultMaxMessageBytes is the default limit on a rendered message.
+const DefaultMaxMessageBytes = 10 << 20
+
+// Config configures a Client. Store is required; Transport is required for
+// Run.
+type Config struct {
+	Store     store.Store
+	Transport transport.Transport
+	Logger    *slog.Logger
+
+	// MessageIDDomain is the domain part of derived Message-IDs. Default:
+	// the domain of the email's From address.
+	MessageIDDomain string
+	// MaxMessageBytes limits the rendered message. Default 10 MiB.
+	MaxMessageBytes int
+
+	// Dispatch tunes delivery; zero fields take the dispatcher's defaults.
+	Dispatch DispatchConfig
+
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// DispatchConfig tunes delivery. See internal/dispatch for each default.
+type DispatchConfig struct {
+	Workers         int
+	PollInterval    time.Duration
+	Lease           time.Duration
+	LeaseMargin     time.Duration
+	MaxAttempts     int
+	BackoffBase     time.Duration
+	BackoffMax      time.Duration
+	InDoubt         InDoubtPolicy
+	ShutdownTimeout time.Duration
+	// Observer, if set, is called after every finished attempt.
+	Observer func(r Record, result string, err error)
+}
+
+// Client is the library's entry point. It is safe for concurrent use.
+type Client struct {
+	cfg  Config
+	log  *slog.Logger
+	wake chan struct{}
+}
+
+// New returns a Client.
+func New(cfg Config) (*Client, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("sendonce: Config.Store is required")
+	}
+	if cfg.MaxMessageBytes < 0 {
+		return nil, fmt.Errorf("sendonce: Config.MaxMessageBytes is %d; use a positive size or 0 for the default", cfg.MaxMessageBytes)
+	}
+	if cfg.MaxMessageBytes == 0 {
+		cfg.MaxMessageBytes = DefaultMaxMessageBytes
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Client{cfg: cfg, log: cfg.Logger, wake: make(chan struct{}, 1)}, nil
+}
+
+// Submission is one email to submit under an idempotency key.
+type Submission struct {
+	// Tenant namespaces the key. Default DefaultTenant.
+	Tenant string
+	// Key is the idempotency key: the same key is the same email.
+	Key   string
+	Email Email
+	// Source names the front door, for the record ("library" by default).
+	Source string
+	// NotBefore delays delivery. Zero means now.
+	NotBefore time.Time
+}
+
+// Receipt is the answer to a submission.
+type Receipt struct {
+	Record Record
+	// Duplicate is true when the key was already recorded with the same
+	// payload: nothing new was accepted, and Record is the stored email.
+	Duplicate bool
+}
+
+// BatchResult is the answer to one item of SubmitBatch: a Receipt, or Err.
+type BatchResult struct {
+	Receipt
+	Err error
+}
+
+// Submit records one email durably and returns once it is safe to
+// acknowledge the sender. A repeat with the same payload returns the stored
+// record with Duplicate set. The same key with a different payload returns
+// ErrKeyReused (and the stored record). Invalid input returns a *FieldError.
+func (c *Client) Submit(ctx context.Context, s Submission) (Receipt, error) {
+	res, err := c.SubmitBatch(ctx, []Submission{s})
+	if err != nil {
+		return Receipt{}, err
+	}
+	return res[0].Receipt, res[0].Err
+}
+
+// SubmitBatch records many emails in one durable commit. It returns an
+// error only when nothing could be recorded; each item's outcome is in its
+// BatchResult.
+func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchResult, error) {
+	out := make([]BatchResult, len(subs))
+	adms := make([]store.Admission, 0, len(subs))
+	idx := make([]int, 0, len(subs))
+	now := c.cfg.Now()
+	for i := range subs {
+		a, err := c.prepare(&subs[i], now)
+		if err != nil {
+			out[i].Err = err
+			continue
+		}
+		adms = append(adms, a)
+		idx = append(idx, i)
+	}
+	if len(adms) == 0 {
+		return out, nil
+	}
+	res, err := c.cfg.Store.Admit(ctx, adms)
+	if err != nil {
+		return nil, fmt.Errorf("sendonce: admit: %w", err)
+	}
+	fresh := false
+	for j, r := range res {
+		i := idx[j]
+		out[i].Record = r.Record
+		switch r.Outcome {
+		case store.OutcomeNew:
+			fresh = true
+		case store.OutcomeDuplicate:
+			out[i].Duplicate = true
+		case store.OutcomeConflict:
+			out[i].Err = fmt.Errorf("%w: key %q", ErrKeyReused, subs[i].Key)
+		}
+	}
+	if fresh {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+	return out, nil
+}
+
+func (c *Client) prepare(s *Submission, now time.Time) (store.Admission, error) {
+	if s.Tenant == "" {
+		s.Tenant = DefaultTenant
+	}
+	if s.Source == "" {
+		s.Source = "library"
+	}
+	if err := ValidateKey(s.Key); err != nil {
+		return store.Admission{}, err
+	}
+	n, err := s.Email.normalize()
+	if err != nil {
+		return store.Admission{}, err
+	}
+	domain := c.cfg.MessageIDDomain
+	if domain == "" {
+		domain = domainOf(n.from.Address)
+	}
+	mid := MessageID(s.Tenant, s.Key, domain)
+	data, err := n.render(mid, now)
+	if err != nil {
+		return store.Admission{}, fmt.Errorf("sendonce: render %q: %w", s.Key, err)
+	}
+	if len(data) > c.cfg.MaxMessageBytes {
+		return store.Admission{}, fmt.Errorf("%w: the rendered message is %d bytes; the limit is %d", ErrTooLarge, len(data), c.cfg.MaxMessageBytes)
+	}
+	return store.Admission{
+		Tenant:      s.Tenant,
+		Key:         s.Key,
+		Fingerprint: n.fingerprint(),
+		MessageID:   mid,
+		From:        n.from.Address,
+		To:          n.recipients(),
+		Subject:     n.Subject,
+		Tags:        n.Tags,
+		Source:      s.Source,
+		Data:        data,
+		NotBefore:   s.NotBefore,
+		Now:         now,
+	}, nil
+}
+
+// Get returns the record of key in tenant, or ErrNotFound.
+func (c *Client) Get(ctx context.Context, tenant, key string) (Record, error) {
+	return c.cfg.Store.Get(ctx, orDefault(tenant), key)
+}
+
+// ListOptions selects a page of records.
+type ListOptions struct {
+	State  State
+	Limit  int
+	Cursor string
+}
+
+// List returns a page of a tenant's records, newest first.
+func (c *Client) List(ctx context.Context, tenant string, o ListOptions) (store.Page, error) {
+	return c.cfg.Store.List(ctx, store.Filter{Tenant: orDefault(tenant), State: o.State, Limit: o.Limit, Cursor: o.Cursor})
+}
+
+// Resolve settles an in-doubt email: resend it (with the same Message-ID),
+// mark it sent, or fail it. actor is recorded with the decision.
+func (c *Client) Resolve(ctx context.Context, tenant, key string, action Action, actor string) (Record, error) {
+	if !action.Valid() {
+		return Record{}, fieldErr("action", "%q is not an action; use resend, mark_sent or fail", action)
+	}
+	r, err := c.cfg.Store.Resolve(ctx, store.Resolution{Tenant: orDefault(tenant), Key: key, Action: action, Actor: actor, Now: c.cfg.Now()})
+	if err == nil && action == ActionResend {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+	return r, err
+}
+
+// Counts returns how many emails of tenant are in each state.
+func (c *Client) Counts(ctx context.Context, tenant string) (store.Counts, error) {
+	return c.cfg.Store.Counts(ctx, orDefault(tenant))
+}
+
+// Ping reports whether the store can serve requests.
+func (c *Client) Ping(ctx context.Context) error { return c.cfg.Store.Ping(ctx) }
+
+// Run delivers emails until ctx ends, then shuts down gracefully (see
+// DispatchConfig.ShutdownTimeout). It needs Config.Transport.
+func (c *Client) Run(ctx context.Context) error {
+	dc := c.cfg.Dispatch
+	cfg := dispatch.Config{
+		Store:           c.cfg.Store,
+		Transport:       c.cfg.Transport,
+		Logger:          c.log,
+		Workers:         dc.Workers,
+		PollInterval:    dc.PollInterval,
+		Lease:           dc.Lease,
+		LeaseMargin:     dc.LeaseMargin,
+		MaxAttempts:     dc.MaxAttempts,
+		BackoffBase:     dc.BackoffBase,
+		BackoffMax:      dc.BackoffMax,
+		InDoubt:         dc.InDoubt,
+		ShutdownTimeout: dc.ShutdownTimeout,
+		Wake:            c.wake,
+		Now:             c.cfg.Now,
+	}
+	if obs := dc.Observer; obs != nil {
+		cfg.Observer = func(e dispatch.Event) {
+			res := e.Result.String()
+			if e.Result == 0 {
+				res = "abandoned"
+			}
+			obs(e.Record, res, e.Err)
+		}
+	}
+	d, err := dispatch.New(cfg)
+	if err != nil {
+		return fmt.Errorf("sendonce: %w", err)
+	}
+	return d.Run(ctx)
+}
+
+func orDefault(tenant string) string {
+	if tenant == "" {
+		return DefaultTenant
+	}
+	return tenant
+}

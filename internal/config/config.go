@@ -1,0 +1,359 @@
+// Package config reads sendonce's configuration: defaults, then a YAML file,
+// then SENDONCE_* environment variables, then command-line flags, each
+// overriding the one before. Every error names the setting, the value and
+// what is allowed.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/goccy/go-yaml"
+)
+
+// Config is the whole configuration of `sendonce serve`.
+type Config struct {
+	// Data is the data directory: the ledger and, by default, the maildir.
+	Data string `yaml:"data"`
+	HTTP HTTP   `yaml:"http"`
+	// Transport is "maildir" (into <data>/maildir), "maildir:/some/dir", or
+	// an smtp:// or smtps:// smarthost URL.
+	Transport string `yaml:"transport"`
+	SMTP      SMTP   `yaml:"smtp"`
+	// MessageIDDomain is the domain of derived Message-IDs; empty means the
+	// domain of each email's From address.
+	MessageIDDomain string   `yaml:"message_id_domain"`
+	MaxMessageBytes int      `yaml:"max_message_bytes"`
+	Dispatch        Dispatch `yaml:"dispatch"`
+	Tokens          []Token  `yaml:"tokens"`
+	Log             Log      `yaml:"log"`
+}
+
+// HTTP configures the API listener.
+type HTTP struct {
+	Addr         string `yaml:"addr"`
+	MaxBodyBytes int64  `yaml:"max_body_bytes"`
+}
+
+// SMTP configures the smtp:// transport.
+type SMTP struct {
+	Helo               string   `yaml:"helo"`
+	InsecureSkipVerify bool     `yaml:"insecure_skip_verify"`
+	MaxIdleConns       int      `yaml:"max_idle_conns"`
+	MaxMessagesPerConn int      `yaml:"max_messages_per_conn"`
+	DialTimeout        Duration `yaml:"dial_timeout"`
+	CommandTimeout     Duration `yaml:"command_timeout"`
+	FinalDotTimeout    Duration `yaml:"final_dot_timeout"`
+	// AllowInsecureAuth permits AUTH without TLS to a loopback relay only.
+	AllowInsecureAuth bool `yaml:"allow_insecure_auth"`
+}
+
+// Dispatch tunes delivery.
+type Dispatch struct {
+	Workers         int      `yaml:"workers"`
+	PollInterval    Duration `yaml:"poll_interval"`
+	Lease           Duration `yaml:"lease"`
+	LeaseMargin     Duration `yaml:"lease_margin"`
+	MaxAttempts     int      `yaml:"max_attempts"`
+	BackoffBase     Duration `yaml:"backoff_base"`
+	BackoffMax      Duration `yaml:"backoff_max"`
+	InDoubt         string   `yaml:"in_doubt"`
+	ShutdownTimeout Duration `yaml:"shutdown_timeout"`
+}
+
+// Token lets one API caller in as a tenant.
+type Token struct {
+	Name   string `yaml:"name"`
+	Tenant string `yaml:"tenant"`
+	// Secret is the bearer token itself; SecretEnv names an environment
+	// variable holding it instead, to keep it out of the file.
+	Secret    string `yaml:"secret"`
+	SecretEnv string `yaml:"secret_env"`
+}
+
+// Log configures logging.
+type Log struct {
+	Format string `yaml:"format"` // text or json
+	Level  string `yaml:"level"`  // debug, info, warn, error
+}
+
+// Duration is a time.Duration written as "30s", "2m", "1h30m".
+type Duration time.Duration
+
+// UnmarshalYAML reads a duration string.
+func (d *Duration) UnmarshalYAML(b []byte) error {
+	s := strings.Trim(strings.TrimSpace(string(b)), `"'`)
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration; write it like 30s, 2m or 1h", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Default returns the out-of-the-box configuration: a SQLite ledger in
+// ./sendonce-data, the API on loopback, delivery into a maildir.
+func Default() Config {
+	return Config{
+		Data:      "./sendonce-data",
+		HTTP:      HTTP{Addr: "127.0.0.1:7070", MaxBodyBytes: 32 << 20},
+		Transport: "maildir",
+		Log:       Log{Format: "text", Level: "info"},
+		Dispatch:  Dispatch{InDoubt: "hold"},
+	}
+}
+
+// Load builds the configuration from the file (if path is not empty), the
+// environment (environ, as os.Environ gives it) and flag overrides (setting
+// name to value, e.g. "http.addr" to "127.0.0.1:8080"), then validates it.
+// Unknown SENDONCE_* variables are returned as warnings.
+func Load(path string, environ []string, overrides map[string]string) (Config, []string, error) {
+	c := Default()
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return c, nil, fmt.Errorf("config: %w", err)
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(b), yaml.DisallowUnknownField())
+		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) { // an empty file is an empty configuration
+			return c, nil, fmt.Errorf("config file %s: %s", path, yaml.FormatError(err, false, true))
+		}
+	}
+	var warnings []string
+	known := c.settings()
+	for _, kv := range environ {
+		name, val, ok := strings.Cut(kv, "=")
+		if !ok || !strings.HasPrefix(name, "SENDONCE_") {
+			continue
+		}
+		if name == "SENDONCE_SERVER" || name == "SENDONCE_TOKEN" {
+			continue // for the client commands
+		}
+		s, ok := known[EnvName(name)]
+		if !ok {
+			warnings = append(warnings, fmt.Sprintf("environment variable %s is not a setting and was ignored; known: %s", name, strings.Join(envNames(known), ", ")))
+			continue
+		}
+		if err := s.set(val); err != nil {
+			return c, warnings, fmt.Errorf("environment variable %s=%q: %w", name, val, err)
+		}
+	}
+	for _, name := range sortedNames(overrides) {
+		s, ok := known[name]
+		if !ok {
+			return c, warnings, fmt.Errorf("unknown setting %q", name)
+		}
+		if err := s.set(overrides[name]); err != nil {
+			return c, warnings, fmt.Errorf("flag for %s=%q: %w", name, overrides[name], err)
+		}
+	}
+	for i := range c.Tokens {
+		if t := &c.Tokens[i]; t.SecretEnv != "" && t.Secret == "" {
+			t.Secret = os.Getenv(t.SecretEnv)
+		}
+	}
+	return c, warnings, c.Validate()
+}
+
+// EnvName maps SENDONCE_HTTP_ADDR to the setting name http.addr.
+func EnvName(env string) string {
+	s := strings.ToLower(strings.TrimPrefix(env, "SENDONCE_"))
+	for _, sec := range []string{"http", "smtp", "dispatch", "log"} {
+		if rest, ok := strings.CutPrefix(s, sec+"_"); ok {
+			return sec + "." + rest
+		}
+	}
+	return s
+}
+
+func envNames(m map[string]setting) []string {
+	var out []string
+	for name := range m {
+		out = append(out, "SENDONCE_"+strings.ToUpper(strings.ReplaceAll(name, ".", "_")))
+	}
+	sort.Strings(out)
+	return out
+}
+
+func sortedNames(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// setting is one scalar setting, addressable by its YAML path.
+type setting struct {
+	ptr reflect.Value
+}
+
+func (s setting) set(v string) error {
+	switch p := s.ptr.Interface().(type) {
+	case *string:
+		*p = v
+	case *int:
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return errors.New("must be a whole number")
+		}
+		*p = n
+	case *int64:
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return errors.New("must be a whole number")
+		}
+		*p = n
+	case *bool:
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return errors.New("must be true or false")
+		}
+		*p = b
+	case *Duration:
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return errors.New("must be a duration like 30s, 2m or 1h")
+		}
+		*p = Duration(d)
+	default:
+		return fmt.Errorf("cannot be set from a string")
+	}
+	return nil
+}
+
+// settings lists every scalar setting by its YAML path ("dispatch.workers").
+func (c *Config) settings() map[string]setting {
+	out := make(map[string]setting)
+	var walk func(prefix string, v reflect.Value)
+	walk = func(prefix string, v reflect.Value) {
+		t := v.Type()
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name := strings.Split(f.Tag.Get("yaml"), ",")[0]
+			if name == "" || name == "-" {
+				continue
+			}
+			fv := v.Field(i)
+			switch {
+			case f.Type.Kind() == reflect.Struct:
+				walk(prefix+name+".", fv)
+			case f.Type.Kind() == reflect.Slice:
+				// lists (tokens) come only from the file
+			default:
+				out[prefix+name] = setting{fv.Addr()}
+			}
+		}
+	}
+	walk("", reflect.ValueOf(c).Elem())
+	return out
+}
+
+var tenantRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$`)
+
+// Validate checks the configuration; each error names the setting and
+// what is allowed.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(setting, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", setting, fmt.Sprintf(format, args...)))
+	}
+	if strings.TrimSpace(c.Data) == "" {
+		bad("data", "is empty; give a directory for the ledger, such as ./sendonce-data")
+	}
+	host, port, err := net.SplitHostPort(c.HTTP.Addr)
+	if err != nil {
+		bad("http.addr", "%q is not host:port; use for example 127.0.0.1:7070", c.HTTP.Addr)
+	} else if _, err := strconv.Atoi(port); err != nil {
+		bad("http.addr", "%q has no numeric port; use for example 127.0.0.1:7070", c.HTTP.Addr)
+	} else if len(c.Tokens) == 0 && !IsLoopback(host) {
+		bad("http.addr", "%q is not a loopback address and no tokens are configured, so anyone who can reach it could send email as you; configure tokens: in the config file, or listen on 127.0.0.1", c.HTTP.Addr)
+	}
+	if c.HTTP.MaxBodyBytes < 1024 {
+		bad("http.max_body_bytes", "is %d; use at least 1024 bytes (default 33554432)", c.HTTP.MaxBodyBytes)
+	}
+	switch {
+	case c.Transport == "maildir", strings.HasPrefix(c.Transport, "maildir:"):
+	case strings.HasPrefix(c.Transport, "smtp://"), strings.HasPrefix(c.Transport, "smtps://"):
+	default:
+		bad("transport", "%q is not a transport; use maildir, maildir:/path/to/dir, smtp://[user:pass@]host:port or smtps://[user:pass@]host:port", c.Transport)
+	}
+	if c.MaxMessageBytes < 0 {
+		bad("max_message_bytes", "is negative; use a size in bytes, or 0 for the default (10 MiB)")
+	}
+	d := c.Dispatch
+	if d.InDoubt != "hold" && d.InDoubt != "resend" {
+		bad("dispatch.in_doubt", "%q is not a policy; use hold (an operator decides) or resend", d.InDoubt)
+	}
+	for name, n := range map[string]int{"dispatch.workers": d.Workers, "dispatch.max_attempts": d.MaxAttempts, "smtp.max_messages_per_conn": c.SMTP.MaxMessagesPerConn} {
+		if n < 0 {
+			bad(name, "is %d; use a positive number, or 0 for the default", n)
+		}
+	}
+	for name, v := range map[string]Duration{"dispatch.poll_interval": d.PollInterval, "dispatch.lease": d.Lease, "dispatch.lease_margin": d.LeaseMargin,
+		"dispatch.backoff_base": d.BackoffBase, "dispatch.backoff_max": d.BackoffMax, "dispatch.shutdown_timeout": d.ShutdownTimeout,
+		"smtp.dial_timeout": c.SMTP.DialTimeout, "smtp.command_timeout": c.SMTP.CommandTimeout, "smtp.final_dot_timeout": c.SMTP.FinalDotTimeout} {
+		if v < 0 {
+			bad(name, "is negative; use a duration like 30s, or 0 for the default")
+		}
+	}
+	if d.Lease > 0 && d.Lease < 5*Duration(time.Second) {
+		bad("dispatch.lease", "is %s; use at least 5s so renewals can keep up", time.Duration(d.Lease))
+	}
+	if d.Lease > 0 && d.LeaseMargin >= d.Lease {
+		bad("dispatch.lease_margin", "%s must be shorter than dispatch.lease %s", time.Duration(d.LeaseMargin), time.Duration(d.Lease))
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		bad("log.format", "%q is not a format; use text or json", c.Log.Format)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "%q is not a level; use debug, info, warn or error", c.Log.Level)
+	}
+	secrets := map[string]bool{}
+	for i, t := range c.Tokens {
+		at := fmt.Sprintf("tokens[%d]", i)
+		if t.Name == "" {
+			bad(at+".name", "is empty; name the caller, e.g. billing-app (it is recorded with its actions)")
+		}
+		if !tenantRE.MatchString(t.Tenant) {
+			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'", t.Tenant)
+		}
+		switch {
+		case t.Secret == "" && t.SecretEnv != "":
+			bad(at+".secret_env", "environment variable %s is empty or unset", t.SecretEnv)
+		case t.Secret == "":
+			bad(at+".secret", "is empty; set secret (or secret_env) to a random string of at least 16 characters, e.g. from `openssl rand -hex 24`")
+		case len(t.Secret) < 16:
+			bad(at+".secret", "is %d characters; use at least 16 random characters", len(t.Secret))
+		case secrets[t.Secret]:
+			bad(at+".secret", "is the same as an earlier token's; every token needs its own secret")
+		}
+		secrets[t.Secret] = true
+	}
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// IsLoopback reports whether host names only this machine.
+func IsLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
