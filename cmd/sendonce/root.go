@@ -1,0 +1,111 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/sendonce/sendonce/internal/config"
+	"github.com/sendonce/sendonce/internal/service"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+func newRoot(stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "sendonce",
+		Short:         "Send every email exactly once, even when the queue delivers twice",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(newServe(), newSend(), newStatus(), newList(), newResolve(), newVersion())
+	return root
+}
+
+func newServe() *cobra.Command {
+	var cfgFile, data, httpAddr, tr string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the service: HTTP API, dispatcher, ledger",
+		Long: `Run the service. With no flags and no configuration it keeps its ledger in
+./sendonce-data, serves the API on 127.0.0.1:7070 and delivers into the
+maildir ./sendonce-data/maildir.
+
+Settings come from defaults, then --config FILE (YAML), then SENDONCE_*
+environment variables (SENDONCE_HTTP_ADDR, SENDONCE_DISPATCH_WORKERS, ...),
+then these flags.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			overrides := map[string]string{}
+			flagSetting := map[string]string{"data": "data", "http": "http.addr", "transport": "transport"}
+			cmd.Flags().Visit(func(f *pflag.Flag) {
+				if name, ok := flagSetting[f.Name]; ok {
+					overrides[name] = f.Value.String()
+				}
+			})
+			cfg, warnings, err := config.Load(cfgFile, os.Environ(), overrides)
+			log := newLogger(cmd.ErrOrStderr(), cfg.Log)
+			for _, w := range warnings {
+				log.Warn(w)
+			}
+			if err != nil {
+				return configError{err}
+			}
+			svc, err := service.New(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			return svc.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().StringVar(&cfgFile, "config", "", "YAML configuration file")
+	cmd.Flags().StringVar(&data, "data", "", "data directory (default ./sendonce-data)")
+	cmd.Flags().StringVar(&httpAddr, "http", "", "HTTP API address (default 127.0.0.1:7070)")
+	cmd.Flags().StringVar(&tr, "transport", "", "maildir, maildir:/dir, or smtp[s]://[user:pass@]host:port (default maildir)")
+	return cmd
+}
+
+type configError struct{ err error }
+
+func (e configError) Error() string {
+	lines := strings.Split(e.err.Error(), "\n")
+	return "invalid configuration:\n  " + strings.Join(lines, "\n  ")
+}
+
+func (e configError) Unwrap() error { return e.err }
+
+func newLogger(w io.Writer, c config.Log) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func newVersion() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			v := version
+			if v == "" {
+				v = "devel"
+				if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+					v = bi.Main.Version
+				}
+			}
+			cmd.Println("sendonce " + v)
+		},
+	}
+}

@@ -1,0 +1,222 @@
+// Package service is the one place where concrete backends are chosen and
+// wired together: the store, the transport, the front doors and the
+// dispatcher of one `sendonce serve` process.
+package service
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sendonce/sendonce"
+	"github.com/sendonce/sendonce/internal/config"
+	"github.com/sendonce/sendonce/internal/httpapi"
+	"github.com/sendonce/sendonce/store/sqlitestore"
+	"github.com/sendonce/sendonce/transport"
+	"github.com/sendonce/sendonce/transport/maildir"
+	smtptransport "github.com/sendonce/sendonce/transport/smtp"
+)
+
+// Service is one running sendonce node.
+type Service struct {
+	cfg       config.Config
+	log       *slog.Logger
+	store     *sqlitestore.Store
+	transport transport.Transport
+	client    *sendonce.Client
+	http      *http.Server
+	listener  net.Listener
+}
+
+// New opens the store, builds the transport and binds the listeners. On
+// error, everything opened so far is closed again.
+func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, err error) {
+	s := &Service{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	s.store, err = sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+	if err != nil {
+		return nil, err
+	}
+	s.transport, err = NewTransport(cfg)
+	if err != nil {
+		return nil, err
+	}
+	s.client, err = sendonce.New(sendonce.Config{
+		Store:           s.store,
+		Transport:       s.transport,
+		Logger:          log,
+		MessageIDDomain: cfg.MessageIDDomain,
+		MaxMessageBytes: cfg.MaxMessageBytes,
+		Dispatch: sendonce.DispatchConfig{
+			Workers:         cfg.Dispatch.Workers,
+			PollInterval:    time.Duration(cfg.Dispatch.PollInterval),
+			Lease:           time.Duration(cfg.Dispatch.Lease),
+			LeaseMargin:     time.Duration(cfg.Dispatch.LeaseMargin),
+			MaxAttempts:     cfg.Dispatch.MaxAttempts,
+			BackoffBase:     time.Duration(cfg.Dispatch.BackoffBase),
+			BackoffMax:      time.Duration(cfg.Dispatch.BackoffMax),
+			InDoubt:         sendonce.InDoubtPolicy(cfg.Dispatch.InDoubt),
+			ShutdownTimeout: time.Duration(cfg.Dispatch.ShutdownTimeout),
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	tokens := make([]httpapi.Token, len(cfg.Tokens))
+	for i, t := range cfg.Tokens {
+		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
+	}
+	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	s.listener, err = net.Listen("tcp", cfg.HTTP.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("http.addr %s: %w", cfg.HTTP.Addr, err)
+	}
+	s.http = &http.Server{
+		Handler:           api,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       2 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	return s, nil
+}
+
+// NewTransport builds the transport the configuration names.
+func NewTransport(cfg config.Config) (transport.Transport, error) {
+	switch t := cfg.Transport; {
+	case t == "maildir":
+		return maildir.New(filepath.Join(cfg.Data, "maildir"))
+	case strings.HasPrefix(t, "maildir:"):
+		return maildir.New(strings.TrimPrefix(t, "maildir:"))
+	default:
+		opts := smtptransport.Options{
+			HelloName:          cfg.SMTP.Helo,
+			MaxIdleConns:       cfg.SMTP.MaxIdleConns,
+			MaxMessagesPerConn: cfg.SMTP.MaxMessagesPerConn,
+			DialTimeout:        time.Duration(cfg.SMTP.DialTimeout),
+			CommandTimeout:     time.Duration(cfg.SMTP.CommandTimeout),
+			FinalDotTimeout:    time.Duration(cfg.SMTP.FinalDotTimeout),
+			AllowInsecureAuth:  cfg.SMTP.AllowInsecureAuth,
+		}
+		if cfg.SMTP.InsecureSkipVerify {
+			opts.TLSConfig = &tls.Config{InsecureSkipVerify: true}
+		}
+		tr, err := smtptransport.New(t, opts)
+		if err != nil {
+			return nil, fmt.Errorf("transport: %w", err)
+		}
+		return tr, nil
+	}
+}
+
+// HTTPAddr is the address the API listens on (useful with port 0).
+func (s *Service) HTTPAddr() string { return s.listener.Addr().String() }
+
+// Client is the library client the front doors use.
+func (s *Service) Client() *sendonce.Client { return s.client }
+
+// Run serves until ctx ends, then shuts down in order: stop accepting
+// requests and finish those in flight, stop the dispatcher (it finishes or
+// releases its attempts), close the transport and the store.
+func (s *Service) Run(ctx context.Context) error {
+	s.log.Info("sendonce serving",
+		"http", "http://"+s.HTTPAddr(),
+		"ledger", filepath.Join(s.cfg.Data, "sendonce.db"),
+		"transport", describeTransport(s.cfg),
+		"auth", authMode(s.cfg))
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 2)
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := s.http.Serve(s.listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("http: %w", err)
+			stop()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		if err := s.client.Run(runCtx); err != nil {
+			errc <- err
+			stop()
+		}
+	}()
+	<-runCtx.Done()
+	s.log.Info("shutting down")
+	shutCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := s.http.Shutdown(shutCtx); err != nil {
+		s.log.Warn("http shutdown", "err", err)
+	}
+	wg.Wait()
+	s.close()
+	s.log.Info("stopped")
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+func (s *Service) close() {
+	if s.listener != nil {
+		s.listener.Close()
+	}
+	if s.transport != nil {
+		if err := s.transport.Close(); err != nil {
+			s.log.Warn("closing transport", "err", err)
+		}
+	}
+	if s.store != nil {
+		if err := s.store.Close(); err != nil {
+			s.log.Warn("closing store", "err", err)
+		}
+	}
+}
+
+func describeTransport(cfg config.Config) string {
+	switch t := cfg.Transport; {
+	case t == "maildir":
+		return "maildir " + filepath.Join(cfg.Data, "maildir")
+	case strings.HasPrefix(t, "maildir:"):
+		return "maildir " + strings.TrimPrefix(t, "maildir:")
+	default:
+		return RedactURL(t)
+	}
+}
+
+// RedactURL hides the password of an smtp:// URL for logs.
+func RedactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+func authMode(cfg config.Config) string {
+	if len(cfg.Tokens) == 0 {
+		return "none (loopback only, default tenant)"
+	}
+	return fmt.Sprintf("%d bearer tokens", len(cfg.Tokens))
+}
