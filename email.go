@@ -263,25 +263,31 @@ func toGoMessage(l []*mail.Address) []*gomail.Address {
 // render writes the RFC 5322 message. It is called once, at admission; the
 // stored bytes are what every attempt sends.
 func (n *normalized) render(messageID string, date time.Time) ([]byte, error) {
+	// go-message writes header fields in the reverse order of setting
+	// them; set them last-first so the message reads Date, From, To, ...
 	var h gomail.Header
-	h.SetDate(date)
-	h.SetAddressList("From", toGoMessage([]*mail.Address{n.from}))
-	if len(n.to) > 0 {
-		h.SetAddressList("To", toGoMessage(n.to))
+	extra := sortedKeys(n.Headers)
+	for i := len(extra) - 1; i >= 0; i-- {
+		h.SetText(extra[i], n.Headers[extra[i]])
+	}
+	h.SetMessageID(strings.Trim(messageID, "<>"))
+	h.SetSubject(n.Subject)
+	if len(n.replyTo) > 0 {
+		h.SetAddressList("Reply-To", toGoMessage(n.replyTo))
 	}
 	if len(n.cc) > 0 {
 		h.SetAddressList("Cc", toGoMessage(n.cc))
 	}
-	if len(n.replyTo) > 0 {
-		h.SetAddressList("Reply-To", toGoMessage(n.replyTo))
+	if len(n.to) > 0 {
+		h.SetAddressList("To", toGoMessage(n.to))
 	}
-	h.SetSubject(n.Subject)
-	h.SetMessageID(strings.Trim(messageID, "<>"))
-	for _, k := range sortedKeys(n.Headers) {
-		h.SetText(k, n.Headers[k])
-	}
+	h.SetAddressList("From", toGoMessage([]*mail.Address{n.from}))
+	h.SetDate(date)
 	var buf bytes.Buffer
 	part := func(w io.WriteCloser, s string) error {
+		if !strings.HasSuffix(s, "\n") {
+			s += "\n" // a message ends with a line break (RFC 5322 §2.3)
+		}
 		if _, err := io.WriteString(w, s); err != nil {
 			return err
 		}

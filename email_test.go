@@ -167,6 +167,9 @@ func TestRender(t *testing.T) {
 	if got := n.recipients(); strings.Join(got, ",") != "ann@example.com,cc@example.com,secret@example.com" {
 		t.Errorf("envelope = %v", got)
 	}
+	if !strings.HasPrefix(string(data[strings.Index(string(data), "Date:"):]), "Date: ") || !strings.HasSuffix(string(data), "\r\n") {
+		t.Error("the message does not list Date first among its own fields or does not end with CRLF")
+	}
 	if !strings.Contains(string(data), "multipart/alternative") {
 		t.Error("text+html is not multipart/alternative")
 	}
