@@ -167,8 +167,12 @@ func TestRender(t *testing.T) {
 	if got := n.recipients(); strings.Join(got, ",") != "ann@example.com,cc@example.com,secret@example.com" {
 		t.Errorf("envelope = %v", got)
 	}
-	if !strings.HasPrefix(string(data[strings.Index(string(data), "Date:"):]), "Date: ") || !strings.HasSuffix(string(data), "\r\n") {
-		t.Error("the message does not list Date first among its own fields or does not end with CRLF")
+	str := string(data)
+	if !(strings.Index(str, "\r\nDate:") < strings.Index(str, "\r\nFrom:") && strings.Index(str, "\r\nFrom:") < strings.Index(str, "\r\nSubject:")) {
+		t.Error("header fields are not in reading order (Date, From, ..., Subject)")
+	}
+	if !strings.HasSuffix(str, "\r\n") {
+		t.Error("the message does not end with CRLF")
 	}
 	if !strings.Contains(string(data), "multipart/alternative") {
 		t.Error("text+html is not multipart/alternative")
