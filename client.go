@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/mail"
 	"time"
 
 	"github.com/sendonce/sendonce/internal/dispatch"
@@ -125,8 +126,11 @@ type Submission struct {
 	// Tenant namespaces the key. Default DefaultTenant.
 	Tenant string
 	// Key is the idempotency key: the same key is the same email.
-	Key   string
+	Key string
+	// Email is the email to send, or, when Raw is set, must be empty.
 	Email Email
+	// Raw is a complete message with its envelope, sent as it is.
+	Raw *Raw
 	// Source names the front door, for the record ("library" by default).
 	Source string
 	// NotBefore delays delivery. Zero means now.
@@ -215,15 +219,14 @@ func (c *Client) prepare(s *Submission, now time.Time) (store.Admission, error) 
 	if err := ValidateKey(s.Key); err != nil {
 		return store.Admission{}, err
 	}
+	if s.Raw != nil {
+		return c.prepareRaw(s, now)
+	}
 	n, err := s.Email.normalize()
 	if err != nil {
 		return store.Admission{}, err
 	}
-	domain := c.cfg.MessageIDDomain
-	if domain == "" {
-		domain = domainOf(n.from.Address)
-	}
-	mid := MessageID(s.Tenant, s.Key, domain)
+	mid := MessageID(s.Tenant, s.Key, c.idDomain(n.from.Address))
 	data, err := n.render(mid, now)
 	if err != nil {
 		return store.Admission{}, fmt.Errorf("sendonce: render %q: %w", s.Key, err)
@@ -245,6 +248,45 @@ func (c *Client) prepare(s *Submission, now time.Time) (store.Admission, error) 
 		NotBefore:   s.NotBefore,
 		Now:         now,
 	}, nil
+}
+
+func (c *Client) prepareRaw(s *Submission, now time.Time) (store.Admission, error) {
+	if !s.Email.isZero() {
+		return store.Admission{}, fieldErr("raw", "give either an email's fields or a raw message, not both")
+	}
+	p, err := prepareRaw(s.Raw, c.cfg.MaxMessageBytes)
+	if err != nil {
+		return store.Admission{}, err
+	}
+	hdrFrom := ""
+	if a, err := mail.ParseAddress(p.header.Get("From")); err == nil {
+		hdrFrom = a.Address
+	}
+	if hdrFrom == "" {
+		hdrFrom = p.from
+	}
+	data, mid := p.render(MessageID(s.Tenant, s.Key, c.idDomain(hdrFrom)), now)
+	return store.Admission{
+		Tenant:      s.Tenant,
+		Key:         s.Key,
+		Fingerprint: p.fingerprint,
+		MessageID:   mid,
+		From:        p.from,
+		To:          p.to,
+		Subject:     p.subject(),
+		Source:      s.Source,
+		Data:        data,
+		NotBefore:   s.NotBefore,
+		Now:         now,
+	}, nil
+}
+
+// idDomain is the domain of derived Message-IDs.
+func (c *Client) idDomain(from string) string {
+	if c.cfg.MessageIDDomain != "" {
+		return c.cfg.MessageIDDomain
+	}
+	return domainOf(from)
 }
 
 // Get returns the record of key in tenant, or ErrNotFound.

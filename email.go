@@ -67,6 +67,11 @@ type normalized struct {
 	replyTo []*mail.Address
 }
 
+func (e *Email) isZero() bool {
+	return e.From == "" && len(e.To) == 0 && len(e.Cc) == 0 && len(e.Bcc) == 0 && e.ReplyTo == "" &&
+		e.Subject == "" && e.Text == "" && e.HTML == "" && len(e.Headers) == 0 && len(e.Tags) == 0
+}
+
 // Validate checks e and returns a *FieldError naming the first problem.
 func (e *Email) Validate() error {
 	_, err := e.normalize()
