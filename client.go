@@ -164,8 +164,10 @@ func (c *Client) Submit(ctx context.Context, s Submission) (Receipt, error) {
 }
 
 // SubmitBatch records many emails in one durable commit. It returns an
-// error only when nothing could be recorded; each item's outcome is in its
-// BatchResult.
+// error only when nothing could be recorded (the store failed: retry the
+// whole batch). Each item's outcome is in its BatchResult, and an item's
+// Err is always permanent: invalid input, a message too large, or a key
+// already used for another email. Retrying such an item cannot succeed.
 func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchResult, error) {
 	out := make([]BatchResult, len(subs))
 	adms := make([]store.Admission, 0, len(subs))
