@@ -2,8 +2,6 @@ package sendonce
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"mime"
 	"net/mail"
@@ -163,10 +161,9 @@ func prepareRaw(r *Raw, maxBytes int) (*preparedRaw, error) {
 			return nil, fieldErr(rawFieldData, "the Message-ID %q is not of the form <id@domain>; fix it or leave it out and sendonce derives one from the key", id)
 		}
 	}
-	h := sha256.New()
-	fmt.Fprintf(h, "raw/v1\x00%s\x00%s\x00", strings.ToLower(p.from), strings.ToLower(strings.Join(p.to, ",")))
-	h.Write(p.data)
-	p.fingerprint = "raw1:" + hex.EncodeToString(h.Sum(nil))
+	// The same content rebuilt for a retry (new Date, Message-ID, MIME
+	// boundary) is the same email, not a key reused for another one.
+	p.fingerprint = "raw2:" + ContentFingerprint(p.from, p.to, p.header, p.body)
 	return p, nil
 }
 

@@ -78,3 +78,32 @@ func TestPrepareRawErrors(t *testing.T) {
 		t.Fatalf("oversized: %v", err)
 	}
 }
+
+// TestRawFingerprintIsContent: a message built again for a retry (new
+// Date, Message-ID and MIME boundary) is the same email; another body, or
+// other recipients, are not.
+func TestRawFingerprintIsContent(t *testing.T) {
+	build := func(date, id, boundary, text string, to ...string) *Raw {
+		data := "Date: " + date + "\r\nMessage-ID: <" + id + "@example.org>\r\nFrom: a@example.org\r\nTo: b@example.com\r\nSubject: s\r\n" +
+			"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"" + boundary + "\"\r\n\r\n" +
+			"--" + boundary + "\r\nContent-Type: text/plain\r\n\r\n" + text + "\r\n--" + boundary + "--\r\n"
+		return &Raw{From: "a@example.org", To: to, Data: []byte(data)}
+	}
+	fp := func(r *Raw) string {
+		p, err := prepareRaw(r, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.fingerprint
+	}
+	first := fp(build("Fri, 06 Dec 2013 10:13:06 +0000", "a9e5", "b1111", "Hello", "b@example.com"))
+	if again := fp(build("Fri, 06 Dec 2013 10:18:09 +0000", "77f0", "b2222", "Hello", "b@example.com")); again != first {
+		t.Error("a rebuilt message has another fingerprint")
+	}
+	if other := fp(build("Fri, 06 Dec 2013 10:13:06 +0000", "a9e5", "b1111", "Goodbye", "b@example.com")); other == first {
+		t.Error("another body has the same fingerprint")
+	}
+	if other := fp(build("Fri, 06 Dec 2013 10:13:06 +0000", "a9e5", "b1111", "Hello", "c@example.com")); other == first {
+		t.Error("other envelope recipients have the same fingerprint")
+	}
+}
