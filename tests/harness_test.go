@@ -44,22 +44,33 @@ func TestMain(m *testing.M) {
 
 // server is one running `sendonce serve` process.
 type server struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	base string
-	done chan struct{}
+	t        *testing.T
+	cmd      *exec.Cmd
+	base     string // the API, http://127.0.0.1:port
+	smtpAddr string // the SMTP submission server, 127.0.0.1:port
+	done     chan struct{}
 
 	mu  sync.Mutex
 	log bytes.Buffer
 }
 
-var servingRE = regexp.MustCompile(`http=http://(127\.0\.0\.1:\d+)`)
+var (
+	servingRE = regexp.MustCompile(`http=http://(127\.0\.0\.1:\d+)`)
+	smtpRE    = regexp.MustCompile(`smtp=smtp://(127\.0\.0\.1:\d+)`)
+)
 
 // startServer runs `sendonce serve` on dataDir with the API on a free
 // loopback port and waits for its "serving" log line.
 func startServer(t *testing.T, dataDir, transportURL string, env ...string) *server {
 	t.Helper()
-	cmd := exec.Command(binary, "serve", "--data", dataDir, "--http", "127.0.0.1:0", "--transport", transportURL)
+	return startServerArgs(t, dataDir, []string{"--transport", transportURL}, env...)
+}
+
+// startServerArgs is startServer with any further serve flags.
+func startServerArgs(t *testing.T, dataDir string, args []string, env ...string) *server {
+	t.Helper()
+	args = append([]string{"serve", "--data", dataDir, "--http", "127.0.0.1:0", "--smtp", "127.0.0.1:0"}, args...)
+	cmd := exec.Command(binary, args...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -69,7 +80,7 @@ func startServer(t *testing.T, dataDir, transportURL string, env ...string) *ser
 		t.Fatal(err)
 	}
 	s := &server{t: t, cmd: cmd, done: make(chan struct{})}
-	ready := make(chan string, 1)
+	ready := make(chan [2]string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -79,8 +90,12 @@ func startServer(t *testing.T, dataDir, transportURL string, env ...string) *ser
 			s.log.WriteString(line + "\n")
 			s.mu.Unlock()
 			if m := servingRE.FindStringSubmatch(line); m != nil && strings.Contains(line, "sendonce serving") {
+				var smtp string
+				if sm := smtpRE.FindStringSubmatch(line); sm != nil {
+					smtp = sm[1]
+				}
 				select {
-				case ready <- m[1]:
+				case ready <- [2]string{m[1], smtp}:
 				default:
 				}
 			}
@@ -96,8 +111,9 @@ func startServer(t *testing.T, dataDir, transportURL string, env ...string) *ser
 		}
 	})
 	select {
-	case addr := <-ready:
-		s.base = "http://" + addr
+	case addrs := <-ready:
+		s.base = "http://" + addrs[0]
+		s.smtpAddr = addrs[1]
 	case <-s.done:
 		t.Fatalf("sendonce serve exited before serving:\n%s", s.logs())
 	case <-time.After(60 * time.Second):

@@ -31,7 +31,8 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 }
 
 func newServe() *cobra.Command {
-	var cfgFile, data, httpAddr, tr string
+	var cfgFile, data, httpAddr, tr, smtpAddr string
+	var sources []string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the service: HTTP API, dispatcher, ledger",
@@ -39,19 +40,24 @@ func newServe() *cobra.Command {
 ./sendonce-data, serves the API on 127.0.0.1:7070 and delivers into the
 maildir ./sendonce-data/maildir.
 
+--source sqs:QUEUE_URL consumes email jobs (docs/jobs.md) from Amazon SQS;
+--transport ses delivers through Amazon SES. Both take region, credentials
+and endpoints from the AWS SDK's standard configuration (AWS_REGION, the
+credentials chain, AWS_ENDPOINT_URL_SQS, AWS_ENDPOINT_URL_SESV2).
+
 Settings come from defaults, then --config FILE (YAML), then SENDONCE_*
 environment variables (SENDONCE_HTTP_ADDR, SENDONCE_DISPATCH_WORKERS, ...),
 then these flags.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			overrides := map[string]string{}
-			flagSetting := map[string]string{"data": "data", "http": "http.addr", "transport": "transport"}
+			flagSetting := map[string]string{"data": "data", "http": "http.addr", "transport": "transport", "smtp": "submission.addr"}
 			cmd.Flags().Visit(func(f *pflag.Flag) {
 				if name, ok := flagSetting[f.Name]; ok {
 					overrides[name] = f.Value.String()
 				}
 			})
-			cfg, warnings, err := config.Load(cfgFile, os.Environ(), overrides)
+			cfg, warnings, err := config.Load(cfgFile, os.Environ(), overrides, sources...)
 			log := newLogger(cmd.ErrOrStderr(), cfg.Log)
 			for _, w := range warnings {
 				log.Warn(w)
@@ -69,7 +75,9 @@ then these flags.`,
 	cmd.Flags().StringVar(&cfgFile, "config", "", "YAML configuration file")
 	cmd.Flags().StringVar(&data, "data", "", "data directory (default ./sendonce-data)")
 	cmd.Flags().StringVar(&httpAddr, "http", "", "HTTP API address (default 127.0.0.1:7070)")
-	cmd.Flags().StringVar(&tr, "transport", "", "maildir, maildir:/dir, or smtp[s]://[user:pass@]host:port (default maildir)")
+	cmd.Flags().StringVar(&tr, "transport", "", "maildir, maildir:/dir, smtp[s]://[user:pass@]host:port, or ses (default maildir)")
+	cmd.Flags().StringVar(&smtpAddr, "smtp", "", "SMTP submission address, or off (default 127.0.0.1:2525)")
+	cmd.Flags().StringArrayVar(&sources, "source", nil, "consume email jobs from a broker: sqs:QUEUE_URL (repeatable)")
 	return cmd
 }
 

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"reflect"
 	"regexp"
@@ -36,7 +37,80 @@ type Config struct {
 	MaxMessageBytes int      `yaml:"max_message_bytes"`
 	Dispatch        Dispatch `yaml:"dispatch"`
 	Tokens          []Token  `yaml:"tokens"`
-	Log             Log      `yaml:"log"`
+	// Sources are the broker consumers that feed the ledger.
+	Sources []Source `yaml:"sources"`
+	SES     SES      `yaml:"ses"`
+	// Submission is the SMTP submission front door.
+	Submission Submission `yaml:"submission"`
+	// Tenants tunes key derivation per tenant (SMTP submission).
+	Tenants map[string]Tenant `yaml:"tenants"`
+	Log     Log               `yaml:"log"`
+}
+
+// Submission configures the SMTP submission server.
+type Submission struct {
+	// Addr is where it listens; "off" disables it. Without users it must
+	// be a loopback address.
+	Addr string `yaml:"addr"`
+	// TLSCert and TLSKey are PEM files; with them STARTTLS is offered (or
+	// required from the first byte with ImplicitTLS, port 465 style).
+	TLSCert         string     `yaml:"tls_cert"`
+	TLSKey          string     `yaml:"tls_key"`
+	ImplicitTLS     bool       `yaml:"implicit_tls"`
+	MaxMessageBytes int64      `yaml:"max_message_bytes"`
+	MaxRecipients   int        `yaml:"max_recipients"`
+	MaxConnsPerIP   int        `yaml:"max_conns_per_ip"`
+	Users           []SMTPUser `yaml:"users"`
+}
+
+// SMTPUser may submit mail as a tenant.
+type SMTPUser struct {
+	Name   string `yaml:"name"`
+	Tenant string `yaml:"tenant"`
+	// PasswordHash is a bcrypt hash ($2a$, $2b$ or $2y$).
+	PasswordHash string `yaml:"password_hash"`
+}
+
+// Tenant tunes how the keys of a tenant's SMTP submissions are derived.
+type Tenant struct {
+	// KeyFromHeader uses the X-Idempotency-Key header (default true).
+	KeyFromHeader *bool `yaml:"key_from_header"`
+	// KeyFromMessageID uses the message's own Message-ID (default false:
+	// many clients make a new one per attempt).
+	KeyFromMessageID bool `yaml:"key_from_message_id"`
+	// FingerprintWindow, when set, treats the same content within the
+	// window as one email.
+	FingerprintWindow Duration `yaml:"fingerprint_window"`
+}
+
+// Source is one broker consumer. Exactly one kind is set.
+type Source struct {
+	// SQS is a queue URL as SQS returns it
+	// (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME).
+	SQS string `yaml:"sqs"`
+	// Tenant owns the keys of the jobs; default "default".
+	Tenant      string `yaml:"tenant"`
+	Concurrency int    `yaml:"concurrency"`
+	// WaitTime is the long-polling wait (at most 20s).
+	WaitTime          Duration `yaml:"wait_time"`
+	VisibilityTimeout Duration `yaml:"visibility_timeout"`
+	// DeadLetterQueue receives invalid jobs with the reason; without it
+	// the queue needs a redrive policy.
+	DeadLetterQueue string `yaml:"dead_letter_queue"`
+}
+
+// SES configures the ses transport. Region, credentials and endpoint
+// otherwise follow the AWS SDK's standard configuration (AWS_REGION, the
+// credentials chain, AWS_ENDPOINT_URL_SESV2).
+type SES struct {
+	Region           string            `yaml:"region"`
+	Endpoint         string            `yaml:"endpoint"`
+	ConfigurationSet string            `yaml:"configuration_set"`
+	Tags             map[string]string `yaml:"tags"`
+	// RatePerSecond caps sends to the account's maximum send rate; 0 is
+	// no cap.
+	RatePerSecond  float64  `yaml:"rate_per_second"`
+	RequestTimeout Duration `yaml:"request_timeout"`
 }
 
 // HTTP configures the API listener.
@@ -105,19 +179,21 @@ func (d *Duration) UnmarshalYAML(b []byte) error {
 // ./sendonce-data, the API on loopback, delivery into a maildir.
 func Default() Config {
 	return Config{
-		Data:      "./sendonce-data",
-		HTTP:      HTTP{Addr: "127.0.0.1:7070", MaxBodyBytes: 32 << 20},
-		Transport: "maildir",
-		Log:       Log{Format: "text", Level: "info"},
-		Dispatch:  Dispatch{InDoubt: "hold"},
+		Data:       "./sendonce-data",
+		HTTP:       HTTP{Addr: "127.0.0.1:7070", MaxBodyBytes: 32 << 20},
+		Transport:  "maildir",
+		Submission: Submission{Addr: "127.0.0.1:2525"},
+		Log:        Log{Format: "text", Level: "info"},
+		Dispatch:   Dispatch{InDoubt: "hold"},
 	}
 }
 
 // Load builds the configuration from the file (if path is not empty), the
 // environment (environ, as os.Environ gives it) and flag overrides (setting
 // name to value, e.g. "http.addr" to "127.0.0.1:8080"), then validates it.
+// Sources given as flags ("sqs:URL") are added to those of the file.
 // Unknown SENDONCE_* variables are returned as warnings.
-func Load(path string, environ []string, overrides map[string]string) (Config, []string, error) {
+func Load(path string, environ []string, overrides map[string]string, sources ...string) (Config, []string, error) {
 	c := Default()
 	if path != "" {
 		b, err := os.ReadFile(path)
@@ -157,6 +233,15 @@ func Load(path string, environ []string, overrides map[string]string) (Config, [
 			return c, warnings, fmt.Errorf("flag for %s=%q: %w", name, overrides[name], err)
 		}
 	}
+	for _, src := range sources {
+		kind, arg, _ := strings.Cut(src, ":")
+		switch kind {
+		case "sqs":
+			c.Sources = append(c.Sources, Source{SQS: arg})
+		default:
+			return c, warnings, fmt.Errorf("--source %q: unknown kind %q; use sqs:QUEUE_URL", src, kind)
+		}
+	}
 	for i := range c.Tokens {
 		if t := &c.Tokens[i]; t.SecretEnv != "" && t.Secret == "" {
 			t.Secret = os.Getenv(t.SecretEnv)
@@ -168,7 +253,7 @@ func Load(path string, environ []string, overrides map[string]string) (Config, [
 // EnvName maps SENDONCE_HTTP_ADDR to the setting name http.addr.
 func EnvName(env string) string {
 	s := strings.ToLower(strings.TrimPrefix(env, "SENDONCE_"))
-	for _, sec := range []string{"http", "smtp", "dispatch", "log"} {
+	for _, sec := range []string{"http", "smtp", "ses", "submission", "dispatch", "log"} {
 		if rest, ok := strings.CutPrefix(s, sec+"_"); ok {
 			return sec + "." + rest
 		}
@@ -215,6 +300,12 @@ func (s setting) set(v string) error {
 			return errors.New("must be a whole number")
 		}
 		*p = n
+	case *float64:
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			return errors.New("must be a number")
+		}
+		*p = f
 	case *bool:
 		b, err := strconv.ParseBool(v)
 		if err != nil {
@@ -249,8 +340,8 @@ func (c *Config) settings() map[string]setting {
 			switch {
 			case f.Type.Kind() == reflect.Struct:
 				walk(prefix+name+".", fv)
-			case f.Type.Kind() == reflect.Slice:
-				// lists (tokens) come only from the file
+			case f.Type.Kind() == reflect.Slice, f.Type.Kind() == reflect.Map:
+				// lists and maps (tokens, sources, tags) come only from the file
 			default:
 				out[prefix+name] = setting{fv.Addr()}
 			}
@@ -286,8 +377,42 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Transport == "maildir", strings.HasPrefix(c.Transport, "maildir:"):
 	case strings.HasPrefix(c.Transport, "smtp://"), strings.HasPrefix(c.Transport, "smtps://"):
+	case c.Transport == "ses":
 	default:
-		bad("transport", "%q is not a transport; use maildir, maildir:/path/to/dir, smtp://[user:pass@]host:port or smtps://[user:pass@]host:port", c.Transport)
+		bad("transport", "%q is not a transport; use maildir, maildir:/path/to/dir, smtp://[user:pass@]host:port, smtps://[user:pass@]host:port or ses", c.Transport)
+	}
+	c.validateSubmission(bad)
+	if c.SES.RatePerSecond < 0 {
+		bad("ses.rate_per_second", "is negative; use the account's maximum send rate, or 0 for no cap")
+	}
+	if c.SES.RequestTimeout < 0 {
+		bad("ses.request_timeout", "is negative; use a duration like 30s, or 0 for the default")
+	}
+	for i := range c.Sources {
+		src := &c.Sources[i]
+		at := fmt.Sprintf("sources[%d]", i)
+		if src.Tenant == "" {
+			src.Tenant = "default"
+		}
+		if !tenantRE.MatchString(src.Tenant) {
+			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'", src.Tenant)
+		}
+		u, err := url.Parse(src.SQS)
+		switch {
+		case src.SQS == "":
+			bad(at+".sqs", "is empty; give the queue URL as SQS returns it, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/emails")
+		case err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || strings.Trim(u.Path, "/") == "":
+			bad(at+".sqs", "%q is not a queue URL; give it as SQS returns it, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/emails", src.SQS)
+		}
+		if src.Concurrency < 0 {
+			bad(at+".concurrency", "is %d; use a positive number, or 0 for the default", src.Concurrency)
+		}
+		if src.WaitTime < 0 || src.WaitTime > Duration(20*time.Second) {
+			bad(at+".wait_time", "is %s; SQS long polling waits 0s to 20s", time.Duration(src.WaitTime))
+		}
+		if src.VisibilityTimeout < 0 || src.VisibilityTimeout > Duration(12*time.Hour) {
+			bad(at+".visibility_timeout", "is %s; SQS allows 0s to 12h", time.Duration(src.VisibilityTimeout))
+		}
 	}
 	if c.MaxMessageBytes < 0 {
 		bad("max_message_bytes", "is negative; use a size in bytes, or 0 for the default (10 MiB)")
@@ -347,6 +472,56 @@ func (c *Config) Validate() error {
 	}
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 	return errors.Join(errs...)
+}
+
+func (c *Config) validateSubmission(bad func(setting, format string, args ...any)) {
+	sub := c.Submission
+	if sub.Addr != "off" {
+		host, port, err := net.SplitHostPort(sub.Addr)
+		if err != nil {
+			bad("submission.addr", "%q is not host:port or off; use for example 127.0.0.1:2525", sub.Addr)
+		} else if _, err := strconv.Atoi(port); err != nil {
+			bad("submission.addr", "%q has no numeric port; use for example 127.0.0.1:2525", sub.Addr)
+		} else if len(sub.Users) == 0 && !IsLoopback(host) {
+			bad("submission.addr", "%q is not a loopback address and no users are configured, so it would be an open relay; configure submission.users, or listen on 127.0.0.1", sub.Addr)
+		}
+	}
+	if (sub.TLSCert == "") != (sub.TLSKey == "") {
+		bad("submission.tls_cert", "give both tls_cert and tls_key, or neither")
+	}
+	if sub.ImplicitTLS && sub.TLSCert == "" {
+		bad("submission.implicit_tls", "needs tls_cert and tls_key")
+	}
+	for name, n := range map[string]int{"submission.max_recipients": sub.MaxRecipients, "submission.max_conns_per_ip": sub.MaxConnsPerIP} {
+		if n < 0 {
+			bad(name, "is %d; use a positive number, or 0 for the default", n)
+		}
+	}
+	if sub.MaxMessageBytes < 0 {
+		bad("submission.max_message_bytes", "is negative; use a size in bytes, or 0 for the default (25 MiB)")
+	}
+	names := map[string]bool{}
+	for i, u := range sub.Users {
+		at := fmt.Sprintf("submission.users[%d]", i)
+		if u.Name == "" || names[u.Name] {
+			bad(at+".name", "%q is empty or used twice; every user needs its own name", u.Name)
+		}
+		names[u.Name] = true
+		if !tenantRE.MatchString(u.Tenant) {
+			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'", u.Tenant)
+		}
+		if !strings.HasPrefix(u.PasswordHash, "$2a$") && !strings.HasPrefix(u.PasswordHash, "$2b$") && !strings.HasPrefix(u.PasswordHash, "$2y$") {
+			bad(at+".password_hash", "is not a bcrypt hash; make one with `htpasswd -bnBC 12 \"\" PASSWORD | tr -d ':\\n'`")
+		}
+	}
+	for name, t := range c.Tenants {
+		if !tenantRE.MatchString(name) {
+			bad("tenants."+name, "is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'")
+		}
+		if t.FingerprintWindow < 0 {
+			bad("tenants."+name+".fingerprint_window", "is negative; use a duration like 10m, or 0 to switch fingerprinting off")
+		}
+	}
 }
 
 // IsLoopback reports whether host names only this machine.

@@ -48,6 +48,11 @@ func TestErrorsNameTheSetting(t *testing.T) {
 		{"bad tenant", "tokens:\n  - name: a\n    tenant: \"a b\"\n    secret: 0123456789abcdef0\n", nil, "tokens[0].tenant"},
 		{"margin over lease", "dispatch:\n  lease: 10s\n  lease_margin: 20s\n", nil, "dispatch.lease_margin"},
 		{"log format", "log:\n  format: xml\n", nil, "log.format"},
+		{"open relay", "submission:\n  addr: 0.0.0.0:25\n", nil, "submission.addr"},
+		{"not bcrypt", "submission:\n  users:\n    - name: app\n      tenant: acme\n      password_hash: secret\n", nil, "submission.users[0].password_hash"},
+		{"half tls", "submission:\n  tls_cert: a.pem\n", nil, "submission.tls_cert"},
+		{"bad queue url", "sources:\n  - sqs: not-a-url\n", nil, "sources[0].sqs"},
+		{"long poll", "sources:\n  - sqs: http://127.0.0.1:1/q\n    wait_time: 30s\n", nil, "sources[0].wait_time"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -20,9 +20,13 @@ import (
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/config"
 	"github.com/sendonce/sendonce/internal/httpapi"
+	"github.com/sendonce/sendonce/internal/smtpd"
+	"github.com/sendonce/sendonce/source"
+	"github.com/sendonce/sendonce/source/sqs"
 	"github.com/sendonce/sendonce/store/sqlitestore"
 	"github.com/sendonce/sendonce/transport"
 	"github.com/sendonce/sendonce/transport/maildir"
+	"github.com/sendonce/sendonce/transport/ses"
 	smtptransport "github.com/sendonce/sendonce/transport/smtp"
 )
 
@@ -35,6 +39,9 @@ type Service struct {
 	client    *sendonce.Client
 	http      *http.Server
 	listener  net.Listener
+	smtp      *smtpd.Server
+	smtpLn    net.Listener
+	sources   []source.Source
 }
 
 // New opens the store, builds the transport and binds the listeners. On
@@ -50,16 +57,24 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	if err != nil {
 		return nil, err
 	}
-	s.transport, err = NewTransport(cfg)
+	s.transport, err = NewTransport(ctx, cfg)
 	if err != nil {
 		return nil, err
+	}
+	maxBytes := cfg.MaxMessageBytes
+	if maxBytes == 0 {
+		maxBytes = sendonce.DefaultMaxMessageBytes
+	}
+	if cfg.Submission.Addr != "off" {
+		// An SMTP submission may gain a Date and a Message-ID.
+		maxBytes = max(maxBytes, int(submissionMax(cfg))+4096)
 	}
 	s.client, err = sendonce.New(sendonce.Config{
 		Store:           s.store,
 		Transport:       s.transport,
 		Logger:          log,
 		MessageIDDomain: cfg.MessageIDDomain,
-		MaxMessageBytes: cfg.MaxMessageBytes,
+		MaxMessageBytes: maxBytes,
 		Dispatch: sendonce.DispatchConfig{
 			Workers:         cfg.Dispatch.Workers,
 			PollInterval:    time.Duration(cfg.Dispatch.PollInterval),
@@ -87,6 +102,24 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	if err != nil {
 		return nil, fmt.Errorf("http.addr %s: %w", cfg.HTTP.Addr, err)
 	}
+	if err := s.newSMTP(cfg, log); err != nil {
+		return nil, err
+	}
+	for i, src := range cfg.Sources {
+		sq, err := sqs.New(ctx, sqs.Options{
+			QueueURL:           src.SQS,
+			Tenant:             src.Tenant,
+			Concurrency:        src.Concurrency,
+			WaitTime:           time.Duration(src.WaitTime),
+			VisibilityTimeout:  time.Duration(src.VisibilityTimeout),
+			DeadLetterQueueURL: src.DeadLetterQueue,
+			Logger:             log,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("sources[%d]: %w", i, err)
+		}
+		s.sources = append(s.sources, sq)
+	}
 	s.http = &http.Server{
 		Handler:           api,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -97,9 +130,74 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	return s, nil
 }
 
+func submissionMax(cfg config.Config) int64 {
+	if cfg.Submission.MaxMessageBytes > 0 {
+		return cfg.Submission.MaxMessageBytes
+	}
+	return smtpd.DefaultMaxMessageBytes
+}
+
+// newSMTP builds and binds the SMTP submission server, unless it is off.
+func (s *Service) newSMTP(cfg config.Config, log *slog.Logger) error {
+	sub := cfg.Submission
+	if sub.Addr == "off" {
+		return nil
+	}
+	sc := smtpd.Config{
+		Addr:            sub.Addr,
+		ImplicitTLS:     sub.ImplicitTLS,
+		MaxMessageBytes: submissionMax(cfg),
+		MaxRecipients:   sub.MaxRecipients,
+		MaxConnsPerIP:   sub.MaxConnsPerIP,
+		Client:          s.client,
+		Logger:          log,
+		Tenants:         map[string]smtpd.KeyModes{},
+	}
+	if sub.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(sub.TLSCert, sub.TLSKey)
+		if err != nil {
+			return fmt.Errorf("submission.tls_cert: %w", err)
+		}
+		sc.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	for _, u := range sub.Users {
+		sc.Users = append(sc.Users, smtpd.User{Name: u.Name, Tenant: u.Tenant, PasswordHash: u.PasswordHash})
+	}
+	for name, t := range cfg.Tenants {
+		sc.Tenants[name] = smtpd.KeyModes{
+			IgnoreHeader:      t.KeyFromHeader != nil && !*t.KeyFromHeader,
+			MessageID:         t.KeyFromMessageID,
+			FingerprintWindow: time.Duration(t.FingerprintWindow),
+		}
+	}
+	srv, err := smtpd.New(sc)
+	if err != nil {
+		return fmt.Errorf("submission: %w", err)
+	}
+	ln, err := srv.Listen()
+	if err != nil {
+		return fmt.Errorf("submission.addr %s: %w", sub.Addr, err)
+	}
+	s.smtp, s.smtpLn = srv, ln
+	return nil
+}
+
 // NewTransport builds the transport the configuration names.
-func NewTransport(cfg config.Config) (transport.Transport, error) {
+func NewTransport(ctx context.Context, cfg config.Config) (transport.Transport, error) {
 	switch t := cfg.Transport; {
+	case t == "ses":
+		tr, err := ses.New(ctx, ses.Options{
+			Region:           cfg.SES.Region,
+			Endpoint:         cfg.SES.Endpoint,
+			ConfigurationSet: cfg.SES.ConfigurationSet,
+			Tags:             cfg.SES.Tags,
+			RatePerSecond:    cfg.SES.RatePerSecond,
+			RequestTimeout:   time.Duration(cfg.SES.RequestTimeout),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("transport ses: %w", err)
+		}
+		return tr, nil
 	case t == "maildir":
 		return maildir.New(filepath.Join(cfg.Data, "maildir"))
 	case strings.HasPrefix(t, "maildir:"):
@@ -135,16 +233,46 @@ func (s *Service) Client() *sendonce.Client { return s.client }
 // requests and finish those in flight, stop the dispatcher (it finishes or
 // releases its attempts), close the transport and the store.
 func (s *Service) Run(ctx context.Context) error {
+	smtpAddr := "off"
+	if s.smtp != nil {
+		smtpAddr = "smtp://" + s.smtpLn.Addr().String()
+	}
+	var names []string
+	for _, src := range s.sources {
+		names = append(names, src.Name())
+	}
 	s.log.Info("sendonce serving",
 		"http", "http://"+s.HTTPAddr(),
+		"smtp", smtpAddr,
+		"sources", strings.Join(names, ","),
 		"ledger", filepath.Join(s.cfg.Data, "sendonce.db"),
 		"transport", describeTransport(s.cfg),
 		"auth", authMode(s.cfg))
 
 	var wg sync.WaitGroup
-	errc := make(chan error, 2)
+	errc := make(chan error, 3+len(s.sources))
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
+	if s.smtp != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.smtp.Serve(s.smtpLn); err != nil && runCtx.Err() == nil {
+				errc <- fmt.Errorf("smtp: %w", err)
+				stop()
+			}
+		}()
+	}
+	for _, src := range s.sources {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := src.Run(runCtx, s.client); err != nil {
+				errc <- fmt.Errorf("%s: %w", src.Name(), err)
+				stop()
+			}
+		}()
+	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -167,6 +295,11 @@ func (s *Service) Run(ctx context.Context) error {
 	if err := s.http.Shutdown(shutCtx); err != nil {
 		s.log.Warn("http shutdown", "err", err)
 	}
+	if s.smtp != nil {
+		if err := s.smtp.Shutdown(shutCtx); err != nil {
+			s.log.Warn("smtp shutdown", "err", err)
+		}
+	}
 	wg.Wait()
 	s.close()
 	s.log.Info("stopped")
@@ -182,6 +315,9 @@ func (s *Service) close() {
 	if s.listener != nil {
 		s.listener.Close()
 	}
+	if s.smtpLn != nil {
+		s.smtpLn.Close()
+	}
 	if s.transport != nil {
 		if err := s.transport.Close(); err != nil {
 			s.log.Warn("closing transport", "err", err)
@@ -196,6 +332,8 @@ func (s *Service) close() {
 
 func describeTransport(cfg config.Config) string {
 	switch t := cfg.Transport; {
+	case t == "ses":
+		return "ses"
 	case t == "maildir":
 		return "maildir " + filepath.Join(cfg.Data, "maildir")
 	case strings.HasPrefix(t, "maildir:"):
