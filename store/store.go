@@ -212,6 +212,9 @@ type Completion struct {
 	Reply   string    // the upstream's reply, when it gave one
 	RetryAt time.Time // for Retry and Release
 	Now     time.Time
+	// PurgeData drops the stored message when the result is final (Sent or
+	// Failed), for privacy; the record itself is kept for deduplication.
+	PurgeData bool
 }
 
 // Action is an operator's (or a policy's) decision about an in-doubt record.
@@ -316,6 +319,12 @@ type Store interface {
 	// ErrNotFound if there is no such record; ErrInvalidState if it is not
 	// in_doubt.
 	Resolve(ctx context.Context, r Resolution) (Record, error)
+
+	// Sweep deletes up to limit final (sent or failed) records created
+	// before the cut-off, oldest first, and returns how many. Records still
+	// queued, sending or in_doubt are never swept. A swept key can be
+	// admitted again as new: the retention window is the dedup window.
+	Sweep(ctx context.Context, before time.Time, limit int) (int, error)
 
 	// Counts returns the number of records per state for a tenant, or for
 	// all tenants when tenant is "*".

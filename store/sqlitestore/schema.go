@@ -9,7 +9,7 @@ import (
 // schemaVersion is stored in PRAGMA user_version. A database with a higher
 // version was written by a newer sendonce and is refused rather than
 // misread.
-const schemaVersion = 1
+const schemaVersion = 2
 
 // The ledger is one table: the dedup ledger (UNIQUE (tenant, idem_key)), the
 // outbox (the due and lease indexes the dispatcher claims from) and the
@@ -53,6 +53,11 @@ CREATE INDEX IF NOT EXISTS emails_tenant_id ON emails (tenant, id);
 CREATE INDEX IF NOT EXISTS emails_tenant_state ON emails (tenant, state, id);
 `
 
+// schemaV2 serves the retention sweeper.
+const schemaV2 = `
+CREATE INDEX IF NOT EXISTS emails_created ON emails (created_at) WHERE state IN ('sent', 'failed');
+`
+
 func migrate(ctx context.Context, db *sql.DB, path string) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -69,8 +74,10 @@ func migrate(ctx context.Context, db *sql.DB, path string) error {
 	if v == schemaVersion {
 		return nil
 	}
-	if _, err := tx.ExecContext(ctx, schemaV1); err != nil {
-		return fmt.Errorf("sqlitestore: open %s: create schema: %w", path, err)
+	for i, ddl := range []string{schemaV1, schemaV2}[v:] {
+		if _, err := tx.ExecContext(ctx, ddl); err != nil {
+			return fmt.Errorf("sqlitestore: open %s: migrate to schema %d: %w", path, v+i+1, err)
+		}
 	}
 	if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", schemaVersion)); err != nil {
 		return fmt.Errorf("sqlitestore: open %s: set schema version: %w", path, err)

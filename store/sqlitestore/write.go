@@ -286,12 +286,16 @@ func completion(c store.Completion, state store.State, fence int64, committing b
 	default:
 		return "", nil, store.ErrInvalidState
 	}
+	purge := ""
+	if c.PurgeData {
+		purge = ", data = x''"
+	}
 	switch c.Result {
 	case store.ResultSent:
-		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0`,
+		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0` + purge,
 			[]any{c.Reply, now, now}, nil
 	case store.ResultFailed:
-		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
+		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0` + purge,
 			[]any{c.Error, c.Reply, now}, nil
 	case store.ResultRetry:
 		return `UPDATE emails SET state = 'queued', last_error = ?, reply = ?, next_attempt = ?, committing = 0,
@@ -355,4 +359,27 @@ func (s *Store) Resolve(ctx context.Context, r store.Resolution) (store.Record, 
 		return store.Record{}, err
 	}
 	return v.(store.Record), nil
+}
+
+// Sweep deletes up to limit final (sent or failed) records created before
+// before, oldest first, in one short write: the retention sweeper calls it
+// repeatedly in small batches so no write waits long behind it.
+func (s *Store) Sweep(ctx context.Context, before time.Time, limit int) (int, error) {
+	if limit <= 0 {
+		return 0, nil
+	}
+	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		res, err := tx.ExecContext(ctx, `DELETE FROM emails WHERE id IN (
+			SELECT id FROM emails WHERE created_at < ? AND state IN ('sent', 'failed') ORDER BY created_at LIMIT ?)`,
+			nanos(before), limit)
+		if err != nil {
+			return answer{}, fmt.Errorf("sqlitestore: sweep: %w", err)
+		}
+		n, _ := res.RowsAffected()
+		return answer{val: int(n)}, nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return v.(int), nil
 }

@@ -84,6 +84,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Tenant/GetOfOtherTenantNotFound", testTenantGet},
 		{"Close/CallsAfterCloseReturnErrClosed", testClosed},
 		{"Ping", testPing},
+		{"Sweep/FinalRecordsBeforeCutoffInBatches", testSweep},
 		{"Simulation/RandomOperationsMatchModel", testSimulation},
 	}
 	for _, c := range cases {

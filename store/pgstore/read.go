@@ -1,0 +1,123 @@
+package pgstore
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/sendonce/sendonce/store"
+)
+
+// Get returns the record of (tenant, key) without Data.
+func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, error) {
+	if s.closed.Load() {
+		return store.Record{}, store.ErrClosed
+	}
+	r, err := scanRecord(s.pool.QueryRow(ctx, s.q.expand("SELECT {cols} FROM {emails} WHERE tenant = $1 AND idem_key = $2"), tenant, key), false)
+	if err != nil {
+		return store.Record{}, s.interpretError(fmt.Sprintf("get %q", key), err)
+	}
+	return r, nil
+}
+
+// The cursor is the id of the last record of the previous page, with a
+// version prefix so a future format can be told apart.
+const cursorPrefix = "v1:"
+
+func encodeCursor(id int64) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(cursorPrefix + strconv.FormatInt(id, 10)))
+}
+
+func decodeCursor(c string) (int64, error) {
+	b, err := base64.RawURLEncoding.DecodeString(c)
+	if err != nil {
+		return 0, store.ErrBadCursor
+	}
+	rest, ok := strings.CutPrefix(string(b), cursorPrefix)
+	if !ok {
+		return 0, store.ErrBadCursor
+	}
+	id, err := strconv.ParseInt(rest, 10, 64)
+	if err != nil || id <= 0 {
+		return 0, store.ErrBadCursor
+	}
+	return id, nil
+}
+
+// List returns a page of one tenant's records, newest (highest ID) first.
+func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
+	if s.closed.Load() {
+		return store.Page{}, store.ErrClosed
+	}
+	if f.State != "" && !f.State.Valid() {
+		return store.Page{}, fmt.Errorf("pgstore: list: unknown state %q", f.State)
+	}
+	limit := f.Limit
+	switch {
+	case limit <= 0:
+		limit = store.DefaultListLimit
+	case limit > store.MaxListLimit:
+		limit = store.MaxListLimit
+	}
+	q := "SELECT {cols} FROM {emails} WHERE tenant = $1"
+	args := []any{f.Tenant}
+	if f.State != "" {
+		args = append(args, string(f.State))
+		q += fmt.Sprintf(" AND state = $%d", len(args))
+	}
+	if f.Cursor != "" {
+		after, err := decodeCursor(f.Cursor)
+		if err != nil {
+			return store.Page{}, fmt.Errorf("pgstore: list: %w", err)
+		}
+		args = append(args, after)
+		q += fmt.Sprintf(" AND id < $%d", len(args))
+	}
+	args = append(args, limit+1) // one more tells whether there is a next page
+	q += fmt.Sprintf(" ORDER BY id DESC LIMIT $%d", len(args))
+	rows, err := s.pool.Query(ctx, s.q.expand(q), args...)
+	if err != nil {
+		return store.Page{}, s.interpretError("list", err)
+	}
+	recs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (store.Record, error) { return scanRecord(row, false) })
+	if err != nil {
+		return store.Page{}, s.interpretError("list", err)
+	}
+	p := store.Page{Records: recs}
+	if len(p.Records) > limit {
+		p.Records = p.Records[:limit]
+		p.Next = encodeCursor(p.Records[limit-1].ID)
+	}
+	return p, nil
+}
+
+// Counts returns the number of records per state, every state present
+// (zero when there are none); tenant "*" counts all tenants.
+func (s *Store) Counts(ctx context.Context, tenant string) (store.Counts, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	q := "SELECT state, count(*) FROM {emails} WHERE tenant = $1 GROUP BY state"
+	args := []any{tenant}
+	if tenant == "*" {
+		q = "SELECT state, count(*) FROM {emails} GROUP BY state"
+		args = nil
+	}
+	rows, err := s.pool.Query(ctx, s.q.expand(q), args...)
+	if err != nil {
+		return nil, s.interpretError("counts", err)
+	}
+	c := store.Counts{store.StateQueued: 0, store.StateSending: 0, store.StateSent: 0, store.StateFailed: 0, store.StateInDoubt: 0}
+	var (
+		st string
+		n  int64
+	)
+	if _, err := pgx.ForEachRow(rows, []any{&st, &n}, func() error { c[store.State(st)] = n; return nil }); err != nil {
+		return nil, s.interpretError("counts", err)
+	}
+	return c, nil
+}
