@@ -17,6 +17,8 @@ import (
 	"net/mail"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/sendonce/sendonce/internal/dispatch"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/transport"
@@ -289,6 +291,45 @@ func (c *Client) idDomain(from string) string {
 		return c.cfg.MessageIDDomain
 	}
 	return domainOf(from)
+}
+
+// ErrTxUnsupported: the store cannot admit inside a caller's transaction
+// (only the PostgreSQL store can).
+var ErrTxUnsupported = errors.New("sendonce: this store cannot admit inside a caller's transaction; use the PostgreSQL store")
+
+// txAdmitter is implemented by stores that can admit inside a transaction
+// the caller owns (store/pgstore).
+type txAdmitter interface {
+	AdmitTx(ctx context.Context, tx pgx.Tx, batch []store.Admission) ([]store.AdmitResult, error)
+}
+
+// SubmitTx admits an email inside the caller's own PostgreSQL transaction:
+// the email exists if and only if the caller's transaction commits (the
+// transactional outbox). Write the order row and submit its confirmation
+// email in one transaction, and neither can exist without the other. The
+// dispatcher finds the email at its next poll after the commit.
+//
+// A concurrent submission of the same key in another transaction waits on
+// the unique index until this one commits or rolls back, then sees the
+// outcome: PostgreSQL keeps the "accepted once" clause for us.
+func (c *Client) SubmitTx(ctx context.Context, tx pgx.Tx, s Submission) (Receipt, error) {
+	ta, ok := c.cfg.Store.(txAdmitter)
+	if !ok {
+		return Receipt{}, ErrTxUnsupported
+	}
+	a, err := c.prepare(&s, c.cfg.Now())
+	if err != nil {
+		return Receipt{}, err
+	}
+	res, err := ta.AdmitTx(ctx, tx, []store.Admission{a})
+	if err != nil {
+		return Receipt{}, fmt.Errorf("sendonce: admit in transaction: %w", err)
+	}
+	rc := Receipt{Record: res[0].Record, Duplicate: res[0].Outcome == store.OutcomeDuplicate}
+	if res[0].Outcome == store.OutcomeConflict {
+		return rc, fmt.Errorf("%w: key %q", ErrKeyReused, s.Key)
+	}
+	return rc, nil
 }
 
 // Get returns the record of key in tenant, or ErrNotFound.

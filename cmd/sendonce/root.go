@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/sendonce/sendonce/internal/config"
 	"github.com/sendonce/sendonce/internal/service"
+	"github.com/sendonce/sendonce/store/pgstore"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -26,12 +28,13 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newServe(), newSend(), newStatus(), newList(), newResolve(), newVersion())
+	root.AddCommand(newServe(), newMigrate(), newSend(), newStatus(), newList(), newResolve(), newVersion())
 	return root
 }
 
 func newServe() *cobra.Command {
-	var cfgFile, data, httpAddr, tr, smtpAddr string
+	var cfgFile, data, httpAddr, tr, smtpAddr, storeURL string
+	var migrate bool
 	var sources []string
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -51,7 +54,7 @@ then these flags.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			overrides := map[string]string{}
-			flagSetting := map[string]string{"data": "data", "http": "http.addr", "transport": "transport", "smtp": "submission.addr"}
+			flagSetting := map[string]string{"data": "data", "http": "http.addr", "transport": "transport", "smtp": "submission.addr", "store": "store", "migrate": "migrate"}
 			cmd.Flags().Visit(func(f *pflag.Flag) {
 				if name, ok := flagSetting[f.Name]; ok {
 					overrides[name] = f.Value.String()
@@ -76,6 +79,8 @@ then these flags.`,
 	cmd.Flags().StringVar(&data, "data", "", "data directory (default ./sendonce-data)")
 	cmd.Flags().StringVar(&httpAddr, "http", "", "HTTP API address (default 127.0.0.1:7070)")
 	cmd.Flags().StringVar(&tr, "transport", "", "maildir, maildir:/dir, smtp[s]://[user:pass@]host:port, or ses (default maildir)")
+	cmd.Flags().StringVar(&storeURL, "store", "", "ledger: empty for SQLite in --data, or postgres://... shared by every node")
+	cmd.Flags().BoolVar(&migrate, "migrate", false, "apply PostgreSQL schema migrations at start")
 	cmd.Flags().StringVar(&smtpAddr, "smtp", "", "SMTP submission address, or off (default 127.0.0.1:2525)")
 	cmd.Flags().StringArrayVar(&sources, "source", nil, "consume email jobs from a broker: sqs:QUEUE_URL (repeatable)")
 	return cmd
@@ -98,6 +103,30 @@ func newLogger(w io.Writer, c config.Log) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func newMigrate() *cobra.Command {
+	var url string
+	cmd := &cobra.Command{
+		Use:   "migrate --postgres URL",
+		Short: "Apply the PostgreSQL schema migrations (safe to run on several nodes at once)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if url == "" {
+				url = os.Getenv("SENDONCE_STORE")
+			}
+			if url == "" {
+				return fmt.Errorf("--postgres is required (or SENDONCE_STORE): postgres://user:pass@host:5432/db")
+			}
+			if err := pgstore.Migrate(cmd.Context(), url, pgstore.Options{}); err != nil {
+				return err
+			}
+			cmd.Printf("schema at version %d\n", pgstore.SchemaVersion())
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&url, "postgres", "", "PostgreSQL URL, postgres://user:pass@host:5432/db (env SENDONCE_STORE)")
+	return cmd
 }
 
 func newVersion() *cobra.Command {

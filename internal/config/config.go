@@ -24,9 +24,15 @@ import (
 
 // Config is the whole configuration of `sendonce serve`.
 type Config struct {
-	// Data is the data directory: the ledger and, by default, the maildir.
+	// Data is the data directory: the SQLite ledger and, by default, the
+	// maildir.
 	Data string `yaml:"data"`
-	HTTP HTTP   `yaml:"http"`
+	// Store is the ledger: empty for SQLite in Data (one node), or a
+	// postgres:// URL that every node shares.
+	Store string `yaml:"store"`
+	// Migrate applies the PostgreSQL schema migrations at start.
+	Migrate bool `yaml:"migrate"`
+	HTTP    HTTP `yaml:"http"`
 	// Transport is "maildir" (into <data>/maildir), "maildir:/some/dir", or
 	// an smtp:// or smtps:// smarthost URL.
 	Transport string `yaml:"transport"`
@@ -363,6 +369,12 @@ func (c *Config) Validate() error {
 	if strings.TrimSpace(c.Data) == "" {
 		bad("data", "is empty; give a directory for the ledger, such as ./sendonce-data")
 	}
+	if c.Store != "" && !strings.HasPrefix(c.Store, "postgres://") && !strings.HasPrefix(c.Store, "postgresql://") {
+		bad("store", "%q is not a store; leave it empty for SQLite in the data directory, or give postgres://user:pass@host:5432/db", redact(c.Store))
+	}
+	if c.Migrate && c.Store == "" {
+		bad("migrate", "applies to a PostgreSQL store; the SQLite store migrates itself")
+	}
 	host, port, err := net.SplitHostPort(c.HTTP.Addr)
 	if err != nil {
 		bad("http.addr", "%q is not host:port; use for example 127.0.0.1:7070", c.HTTP.Addr)
@@ -522,6 +534,14 @@ func (c *Config) validateSubmission(bad func(setting, format string, args ...any
 			bad("tenants."+name+".fingerprint_window", "is negative; use a duration like 10m, or 0 to switch fingerprinting off")
 		}
 	}
+}
+
+// redact hides a password in a URL for error messages.
+func redact(raw string) string {
+	if u, err := url.Parse(raw); err == nil {
+		return u.Redacted()
+	}
+	return "(unparsable)"
 }
 
 // IsLoopback reports whether host names only this machine.

@@ -390,10 +390,12 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 		}
 	}
 
-	// The outcome must be recorded even during shutdown.
-	wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	// The outcome must be recorded even during shutdown, and a known
+	// outcome is worth waiting for the store: if it stays away, the lease
+	// expiry would turn a known "sent" into in_doubt.
+	wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), d.completeTimeout(ctx))
 	defer wcancel()
-	if cerr := d.cfg.Store.Complete(wctx, c); cerr != nil {
+	if cerr := d.complete(wctx, c); cerr != nil {
 		// The lease expiry will move the record on: to in_doubt if the marker
 		// was set, back to the queue if not. Nothing is lost either way.
 		log.Error("recording the outcome failed; lease expiry will settle it", "result", c.Result, "err", cerr, "send_err", err)
@@ -413,6 +415,36 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 		}
 	}
 	d.observe(r, c.Result, err)
+}
+
+// completeTimeout is how long an outcome may wait for the store: a lease's
+// worth while running (a record whose lease expired meanwhile still takes
+// the late answer, see store.Store.Complete), less once shutting down.
+func (d *Dispatcher) completeTimeout(ctx context.Context) time.Duration {
+	if ctx.Err() != nil {
+		return 10 * time.Second
+	}
+	return max(d.cfg.Lease, 10*time.Second)
+}
+
+// complete records an outcome, retrying with backoff while the store is
+// unreachable. Logical refusals (lease lost, invalid state) are final.
+func (d *Dispatcher) complete(ctx context.Context, c store.Completion) error {
+	wait := 50 * time.Millisecond
+	for {
+		err := d.cfg.Store.Complete(ctx, c)
+		if err == nil || errors.Is(err, store.ErrLeaseLost) || errors.Is(err, store.ErrInvalidState) || errors.Is(err, store.ErrClosed) {
+			return err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		case <-t.C:
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
 }
 
 func (d *Dispatcher) observe(r store.Record, res store.Result, err error) {

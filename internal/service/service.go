@@ -23,6 +23,8 @@ import (
 	"github.com/sendonce/sendonce/internal/smtpd"
 	"github.com/sendonce/sendonce/source"
 	"github.com/sendonce/sendonce/source/sqs"
+	"github.com/sendonce/sendonce/store"
+	"github.com/sendonce/sendonce/store/pgstore"
 	"github.com/sendonce/sendonce/store/sqlitestore"
 	"github.com/sendonce/sendonce/transport"
 	"github.com/sendonce/sendonce/transport/maildir"
@@ -34,7 +36,7 @@ import (
 type Service struct {
 	cfg       config.Config
 	log       *slog.Logger
-	store     *sqlitestore.Store
+	store     store.Store
 	transport transport.Transport
 	client    *sendonce.Client
 	http      *http.Server
@@ -53,7 +55,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 			s.close()
 		}
 	}()
-	s.store, err = sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+	s.store, err = OpenStore(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
@@ -128,6 +130,19 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	return s, nil
+}
+
+// OpenStore opens the ledger the configuration names: SQLite in the data
+// directory, or a shared PostgreSQL database.
+func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.Store, error) {
+	if cfg.Store == "" {
+		return sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+	}
+	st, err := pgstore.Open(ctx, cfg.Store, pgstore.Options{Migrate: cfg.Migrate, Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("store %s: %w", RedactURL(cfg.Store), err)
+	}
+	return st, nil
 }
 
 func submissionMax(cfg config.Config) int64 {
@@ -245,7 +260,7 @@ func (s *Service) Run(ctx context.Context) error {
 		"http", "http://"+s.HTTPAddr(),
 		"smtp", smtpAddr,
 		"sources", strings.Join(names, ","),
-		"ledger", filepath.Join(s.cfg.Data, "sendonce.db"),
+		"ledger", describeStore(s.cfg),
 		"transport", describeTransport(s.cfg),
 		"auth", authMode(s.cfg))
 
@@ -328,6 +343,13 @@ func (s *Service) close() {
 			s.log.Warn("closing store", "err", err)
 		}
 	}
+}
+
+func describeStore(cfg config.Config) string {
+	if cfg.Store != "" {
+		return RedactURL(cfg.Store)
+	}
+	return "sqlite " + filepath.Join(cfg.Data, sqlitestore.DBFile)
 }
 
 func describeTransport(cfg config.Config) string {
