@@ -94,6 +94,14 @@ type DispatchConfig struct {
 	ShutdownTimeout time.Duration
 	// Observer, if set, is called after every finished attempt.
 	Observer func(r Record, result string, err error)
+	// PurgeBody drops the stored message once an email is sent or failed
+	// (privacy); the record stays for deduplication.
+	PurgeBody bool
+	// Retention, when positive, makes Run remove sent and failed records
+	// older than it. It is also the window in which a repeated key is
+	// recognised, so keep it longer than any queue's redelivery horizon
+	// (SQS keeps messages up to 14 days). Default 0: keep everything.
+	Retention time.Duration
 }
 
 // Client is the library's entry point. It is safe for concurrent use.
@@ -392,6 +400,7 @@ func (c *Client) Run(ctx context.Context) error {
 		ShutdownTimeout: dc.ShutdownTimeout,
 		Wake:            c.wake,
 		Now:             c.cfg.Now,
+		PurgeBody:       dc.PurgeBody,
 	}
 	if obs := dc.Observer; obs != nil {
 		cfg.Observer = func(e dispatch.Event) {
@@ -405,6 +414,14 @@ func (c *Client) Run(ctx context.Context) error {
 	d, err := dispatch.New(cfg)
 	if err != nil {
 		return fmt.Errorf("sendonce: %w", err)
+	}
+	if dc.Retention > 0 {
+		sweepDone := make(chan struct{})
+		defer func() { <-sweepDone }()
+		go func() {
+			defer close(sweepDone)
+			dispatch.RunSweeper(ctx, dispatch.SweepConfig{Store: c.cfg.Store, Retention: dc.Retention, Now: c.cfg.Now, Logger: c.log})
+		}()
 	}
 	return d.Run(ctx)
 }

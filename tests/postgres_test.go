@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/url"
@@ -12,6 +14,10 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/sendonce/sendonce"
+	"github.com/sendonce/sendonce/store/pgstore"
+	"github.com/sendonce/sendonce/store/sqlitestore"
 )
 
 // postgresURL returns the URL of a fresh, empty database for this test,
@@ -122,4 +128,79 @@ func viaProxy(t *testing.T, raw, proxyAddr string) string {
 	}
 	u.Host = proxyAddr
 	return u.String()
+}
+
+// TestSubmitTxOutbox: an email submitted in the caller's transaction exists
+// if and only if that transaction commits, and is then delivered.
+func TestSubmitTxOutbox(t *testing.T) {
+	storeURL := postgresURL(t)
+	ctx := context.Background()
+	if err := pgstore.Migrate(ctx, storeURL, pgstore.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := pgstore.Open(ctx, storeURL, pgstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c, err := sendonce.New(sendonce.Config{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(ctx, storeURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `CREATE TABLE orders (id int PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	email := sendonce.Email{From: "shop@example.org", To: []string{"ann@example.com"}, Subject: "Your order", Text: "Thanks"}
+	for i, commit := range []bool{false, true} {
+		tx, err := conn.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1)`, i); err != nil {
+			t.Fatal(err)
+		}
+		key := fmt.Sprintf("order/%d", i)
+		if _, err := c.SubmitTx(ctx, tx, sendonce.Submission{Key: key, Email: email}); err != nil {
+			t.Fatal(err)
+		}
+		if commit {
+			err = tx.Commit(ctx)
+		} else {
+			err = tx.Rollback(ctx)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, gerr := c.Get(ctx, "", key)
+		if commit && gerr != nil {
+			t.Fatalf("committed order's email missing: %v", gerr)
+		}
+		if !commit && !errors.Is(gerr, sendonce.ErrNotFound) {
+			t.Fatalf("rolled-back order's email exists: %v", gerr)
+		}
+	}
+	// The SQLite store cannot take part in a caller's transaction, and says so.
+	lite, err := sendonce.New(sendonce.Config{Store: openSQLite(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, _ := conn.Begin(ctx)
+	defer tx.Rollback(ctx)
+	if _, err := lite.SubmitTx(ctx, tx, sendonce.Submission{Key: "x", Email: email}); !errors.Is(err, sendonce.ErrTxUnsupported) {
+		t.Fatalf("SubmitTx on SQLite: %v, want ErrTxUnsupported", err)
+	}
+}
+
+func openSQLite(t *testing.T) *sqlitestore.Store {
+	st, err := sqlitestore.Open(context.Background(), t.TempDir(), sqlitestore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
 }

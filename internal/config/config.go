@@ -39,7 +39,12 @@ type Config struct {
 	SMTP      SMTP   `yaml:"smtp"`
 	// MessageIDDomain is the domain of derived Message-IDs; empty means the
 	// domain of each email's From address.
-	MessageIDDomain string   `yaml:"message_id_domain"`
+	MessageIDDomain string `yaml:"message_id_domain"`
+	// Retention is how long sent and failed records are kept (and repeats
+	// of their keys recognised). Default 30 days; 0 keeps them forever.
+	Retention Duration `yaml:"retention"`
+	// PurgeBodyOnSend drops a message's body once it is sent or failed.
+	PurgeBodyOnSend bool     `yaml:"purge_body_on_send"`
 	MaxMessageBytes int      `yaml:"max_message_bytes"`
 	Dispatch        Dispatch `yaml:"dispatch"`
 	Tokens          []Token  `yaml:"tokens"`
@@ -191,6 +196,7 @@ func Default() Config {
 		Submission: Submission{Addr: "127.0.0.1:2525"},
 		Log:        Log{Format: "text", Level: "info"},
 		Dispatch:   Dispatch{InDoubt: "hold"},
+		Retention:  Duration(30 * 24 * time.Hour),
 	}
 }
 
@@ -425,6 +431,11 @@ func (c *Config) Validate() error {
 		if src.VisibilityTimeout < 0 || src.VisibilityTimeout > Duration(12*time.Hour) {
 			bad(at+".visibility_timeout", "is %s; SQS allows 0s to 12h", time.Duration(src.VisibilityTimeout))
 		}
+	}
+	if c.Retention < 0 {
+		bad("retention", "is negative; use a duration like 720h (30 days), or 0 to keep records forever")
+	} else if c.Retention > 0 && c.Retention < Duration(24*time.Hour) {
+		bad("retention", "is %s; a repeat is recognised only within the retention window, and queues redeliver for days (SQS: up to 14); use at least 24h", time.Duration(c.Retention))
 	}
 	if c.MaxMessageBytes < 0 {
 		bad("max_message_bytes", "is negative; use a size in bytes, or 0 for the default (10 MiB)")

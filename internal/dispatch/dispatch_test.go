@@ -3,6 +3,7 @@ package dispatch_test
 import (
 	"context"
 	"errors"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -330,4 +331,50 @@ func TestManyEmailsEachSentOnce(t *testing.T) {
 	if err != nil || counts[store.StateSent] != n {
 		t.Fatalf("counts %v %v", counts, err)
 	}
+}
+
+// TestSweeperRemovesOnlyFinalRecordsPastRetention runs the sweeper on a
+// real ledger: sent records older than the retention window go, a recent
+// one and a queued old one stay.
+func TestSweeperRemovesOnlyFinalRecordsPastRetention(t *testing.T) {
+	st := openStore(t)
+	now := time.Now()
+	old := now.Add(-40 * 24 * time.Hour)
+	for _, k := range []string{"old-1", "old-2", "recent"} {
+		at := old
+		if k == "recent" {
+			at = now
+		}
+		admit(t, st, k, at)
+		recs, err := st.Claim(context.Background(), store.ClaimRequest{Owner: "t", Now: at, Lease: time.Minute, Limit: 1})
+		if err != nil || len(recs) != 1 {
+			t.Fatal(recs, err)
+		}
+		if err := st.Complete(context.Background(), store.Completion{Lease: store.Lease{ID: recs[0].ID, Fence: recs[0].Fence}, Result: store.ResultSent, Now: at}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	admit(t, st, "old-queued", old)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		dispatch.RunSweeper(ctx, dispatch.SweepConfig{Store: st, Retention: 30 * 24 * time.Hour, Batch: 1, Every: time.Hour})
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err1 := st.Get(context.Background(), "t", "old-1")
+		_, err2 := st.Get(context.Background(), "t", "old-2")
+		if errors.Is(err1, store.ErrNotFound) && errors.Is(err2, store.ErrNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("old sent records not swept within 10s")
+		}
+		runtime.Gosched()
+	}
+	cancel()
+	<-done
+	get(t, st, "recent")
+	get(t, st, "old-queued")
 }

@@ -75,6 +75,8 @@ type Config struct {
 	Now func() time.Time
 	// Observer, if set, is told about every finished attempt.
 	Observer func(Event)
+	// PurgeBody drops the stored message once an email is sent or failed.
+	PurgeBody bool
 }
 
 // Event describes one finished attempt, for metrics and tests.
@@ -367,7 +369,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 	committed, lost := a.committed, a.lost
 	a.mu.Unlock()
 
-	c := store.Completion{Lease: a.lease, Now: d.cfg.Now(), Reply: receipt.Reply}
+	c := store.Completion{Lease: a.lease, Now: d.cfg.Now(), Reply: receipt.Reply, PurgeData: d.cfg.PurgeBody}
 	switch {
 	case err == nil:
 		c.Result = store.ResultSent

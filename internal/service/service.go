@@ -87,6 +87,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 			BackoffMax:      time.Duration(cfg.Dispatch.BackoffMax),
 			InDoubt:         sendonce.InDoubtPolicy(cfg.Dispatch.InDoubt),
 			ShutdownTimeout: time.Duration(cfg.Dispatch.ShutdownTimeout),
+			PurgeBody:       cfg.PurgeBodyOnSend,
+			Retention:       time.Duration(cfg.Retention),
 		},
 	})
 	if err != nil {
