@@ -138,7 +138,11 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 // directory, or a shared PostgreSQL database.
 func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.Store, error) {
 	if cfg.Store == "" {
-		return sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+		st, err := sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+		if err != nil {
+			return nil, err // not a typed nil: close() tests the interface
+		}
+		return st, nil
 	}
 	st, err := pgstore.Open(ctx, cfg.Store, pgstore.Options{Migrate: cfg.Migrate, Logger: log})
 	if err != nil {
