@@ -336,3 +336,53 @@ type Store interface {
 	// Close releases the store. Calls after Close return ErrClosed.
 	Close() error
 }
+
+// Decide applies the contract of Complete to a record found in state with
+// fence and the marker flag committing. It returns apply=true when the
+// store must write c's result, apply=false with a nil error for an
+// idempotent repeat (nothing to write), or a logical error:
+//
+//   - another fence: ErrLeaseLost.
+//   - sending: Sent, Failed, Retry, InDoubt apply; Release applies only
+//     without the marker (ErrInvalidState after it) and gives the attempt
+//     back.
+//   - in_doubt under the same fence (the lease expired after the marker, or
+//     the worker reported InDoubt): a late definite answer (Sent, Failed,
+//     Retry) applies; InDoubt only updates the error; Release is
+//     ErrInvalidState.
+//   - sent or failed under the same fence: repeating the result that put it
+//     there is a no-op (a retried call), anything else ErrInvalidState.
+//   - queued under the same fence (after this worker's Retry or Release):
+//     Retry or Release is a no-op, anything else ErrInvalidState.
+//
+// Every store calls it, so the stores differ only in how they write.
+func (c Completion) Decide(state State, fence int64, committing bool) (apply bool, err error) {
+	if fence != c.Lease.Fence {
+		return false, ErrLeaseLost
+	}
+	switch state {
+	case StateSent, StateFailed:
+		if (state == StateSent && c.Result == ResultSent) || (state == StateFailed && c.Result == ResultFailed) {
+			return false, nil
+		}
+		return false, ErrInvalidState
+	case StateQueued:
+		if c.Result == ResultRetry || c.Result == ResultRelease {
+			return false, nil
+		}
+		return false, ErrInvalidState
+	case StateSending, StateInDoubt:
+	default:
+		return false, ErrInvalidState
+	}
+	switch c.Result {
+	case ResultSent, ResultFailed, ResultRetry, ResultInDoubt:
+		return true, nil
+	case ResultRelease:
+		if state != StateSending || committing {
+			return false, ErrInvalidState
+		}
+		return true, nil
+	}
+	return false, ErrInvalidState
+}

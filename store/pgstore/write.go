@@ -156,44 +156,17 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 	})
 }
 
-// completion decides what Complete does to a record in state with fence,
-// and returns the UPDATE (without its WHERE) or a logical error:
-//
-//   - another fence: ErrLeaseLost.
-//   - sending: Sent, Failed, Retry, InDoubt apply; Release applies only
-//     without the marker (ErrInvalidState after it) and gives the attempt
-//     back.
-//   - in_doubt under the same fence (the lease expired after the marker, or
-//     the worker reported InDoubt): a late definite answer (Sent, Failed,
-//     Retry) applies; InDoubt only updates the error; Release is
-//     ErrInvalidState.
-//   - sent or failed under the same fence: repeating the result that put it
-//     there is a no-op (a retried call), anything else ErrInvalidState.
-//   - queued under the same fence (after this worker's Retry or Release):
-//     Retry or Release is a no-op, anything else ErrInvalidState.
+// completion returns the UPDATE (without its WHERE) that writes c's
+// result, "" for an idempotent repeat, or the contract's logical error
+// (store.Completion.Decide).
 func completion(c store.Completion, state store.State, fence int64, committing bool) (string, []any, error) {
-	if fence != c.Lease.Fence {
-		return "", nil, store.ErrLeaseLost
+	if apply, err := c.Decide(state, fence, committing); !apply {
+		return "", nil, err
 	}
 	now := nanos(c.Now)
 	retryAt := c.RetryAt
 	if retryAt.IsZero() {
 		retryAt = c.Now
-	}
-	switch state {
-	case store.StateSent, store.StateFailed:
-		if (state == store.StateSent && c.Result == store.ResultSent) || (state == store.StateFailed && c.Result == store.ResultFailed) {
-			return "", nil, nil
-		}
-		return "", nil, store.ErrInvalidState
-	case store.StateQueued:
-		if c.Result == store.ResultRetry || c.Result == store.ResultRelease {
-			return "", nil, nil
-		}
-		return "", nil, store.ErrInvalidState
-	case store.StateSending, store.StateInDoubt:
-	default:
-		return "", nil, store.ErrInvalidState
 	}
 	purge := ""
 	if c.PurgeData {
@@ -214,9 +187,6 @@ func completion(c store.Completion, state store.State, fence int64, committing b
 		return `UPDATE {emails} SET state = 'in_doubt', last_error = $1, reply = $2, updated_at = $3, lease_expiry = 0`,
 			[]any{c.Error, c.Reply, now}, nil
 	case store.ResultRelease:
-		if state != store.StateSending || committing {
-			return "", nil, store.ErrInvalidState
-		}
 		return `UPDATE {emails} SET state = 'queued', next_attempt = $1, attempts = attempts - 1, committing = false,
 			updated_at = $2, lease_expiry = 0`,
 			[]any{nanos(retryAt), now}, nil
