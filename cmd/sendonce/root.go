@@ -40,8 +40,11 @@ func newServe() *cobra.Command {
 		Use:   "serve",
 		Short: "Run the service: HTTP API, dispatcher, ledger",
 		Long: `Run the service. With no flags and no configuration it keeps its ledger in
-./sendonce-data, serves the API on 127.0.0.1:7070 and delivers into the
-maildir ./sendonce-data/maildir.
+./sendonce-data, serves the API on 127.0.0.1:7070 and SMTP submission on
+127.0.0.1:2525, and delivers into the maildir ./sendonce-data/maildir.
+
+--store postgres://... shares one PostgreSQL ledger between many nodes
+(apply its schema with "sendonce migrate" or --migrate).
 
 --source sqs:QUEUE_URL consumes email jobs (docs/jobs.md) from Amazon SQS;
 --transport ses delivers through Amazon SES. Both take region, credentials
