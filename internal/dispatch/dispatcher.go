@@ -368,6 +368,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 	a.mu.Lock()
 	committed, lost := a.committed, a.lost
 	a.mu.Unlock()
+	committed, err = brokenOutcome(committed, err) // no-op unless built with -tags sendonce_broken (broken.go)
 
 	c := store.Completion{Lease: a.lease, Now: d.cfg.Now(), Reply: receipt.Reply, PurgeData: d.cfg.PurgeBody}
 	switch {
