@@ -128,6 +128,9 @@ type SES struct {
 type HTTP struct {
 	Addr         string `yaml:"addr"`
 	MaxBodyBytes int64  `yaml:"max_body_bytes"`
+	// MaxInFlight bounds the submissions served at once; past it the API
+	// answers 503 with Retry-After. 0 means 1024.
+	MaxInFlight int `yaml:"max_in_flight"`
 }
 
 // SMTP configures the smtp:// transport.
@@ -444,7 +447,7 @@ func (c *Config) Validate() error {
 	if d.InDoubt != "hold" && d.InDoubt != "resend" {
 		bad("dispatch.in_doubt", "%q is not a policy; use hold (an operator decides) or resend", d.InDoubt)
 	}
-	for name, n := range map[string]int{"dispatch.workers": d.Workers, "dispatch.max_attempts": d.MaxAttempts, "smtp.max_messages_per_conn": c.SMTP.MaxMessagesPerConn} {
+	for name, n := range map[string]int{"dispatch.workers": d.Workers, "dispatch.max_attempts": d.MaxAttempts, "http.max_in_flight": c.HTTP.MaxInFlight, "smtp.max_messages_per_conn": c.SMTP.MaxMessagesPerConn} {
 		if n < 0 {
 			bad(name, "is %d; use a positive number, or 0 for the default", n)
 		}

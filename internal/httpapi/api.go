@@ -43,15 +43,20 @@ type Config struct {
 	MaxBodyBytes int64
 	// MaxBatch limits the items of one batch request. Default 1000.
 	MaxBatch int
-	Logger   *slog.Logger
+	// MaxInFlight bounds the submissions being read or recorded at once.
+	// Past it a submission is refused at once with 503 and Retry-After,
+	// before its body is read, so overload costs no memory. Default 1024.
+	MaxInFlight int
+	Logger      *slog.Logger
 }
 
 // API serves the HTTP API.
 type API struct {
-	cfg    Config
-	log    *slog.Logger
-	tokens []hashedToken
-	mux    *http.ServeMux
+	cfg      Config
+	log      *slog.Logger
+	tokens   []hashedToken
+	mux      *http.ServeMux
+	inFlight chan struct{} // a slot per submission being served
 }
 
 type hashedToken struct {
@@ -73,15 +78,18 @@ func New(cfg Config) (*API, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	a := &API{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux()}
+	if cfg.MaxInFlight == 0 {
+		cfg.MaxInFlight = 1024
+	}
+	a := &API{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), inFlight: make(chan struct{}, cfg.MaxInFlight)}
 	for i, t := range cfg.Tokens {
 		if t.Secret == "" || t.Tenant == "" {
 			return nil, fmt.Errorf("httpapi: token %d (%q) needs a secret and a tenant", i, t.Name)
 		}
 		a.tokens = append(a.tokens, hashedToken{sha256.Sum256([]byte(t.Secret)), t})
 	}
-	a.mux.HandleFunc("POST /v1/emails", a.auth(a.submit))
-	a.mux.HandleFunc("POST /v1/emails/batch", a.auth(a.batch))
+	a.mux.HandleFunc("POST /v1/emails", a.auth(a.bounded(a.submit)))
+	a.mux.HandleFunc("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
 	a.mux.HandleFunc("GET /v1/emails", a.auth(a.list))
 	a.mux.HandleFunc("GET /v1/emails/{key}", a.auth(a.get))
 	a.mux.HandleFunc("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
@@ -126,6 +134,22 @@ func (a *API) auth(h http.HandlerFunc) http.HandlerFunc {
 			c = caller{tenant: a.tokens[found].Tenant, name: a.tokens[found].Name}
 		}
 		h(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, c)))
+	}
+}
+
+// bounded refuses a submission when MaxInFlight are already being served:
+// queueing without limit would hold every waiting body in memory, and an
+// honest 503 lets the sender retry with the same key later.
+func (a *API) bounded(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case a.inFlight <- struct{}{}:
+			defer func() { <-a.inFlight }()
+			h(w, r)
+		default:
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "overloaded", "", fmt.Sprintf("%d submissions are already being recorded; nothing was accepted, retry with the same key", a.cfg.MaxInFlight))
+		}
 	}
 }
 

@@ -408,3 +408,63 @@ func TestHealthz(t *testing.T) {
 		t.Fatalf("healthz on a closed store: %d %s", r.status, r.raw)
 	}
 }
+
+// blockingStore holds every Admit until released, to fill the API.
+type blockingStore struct {
+	store.Store
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingStore) Admit(ctx context.Context, batch []store.Admission) ([]store.AdmitResult, error) {
+	b.entered <- struct{}{}
+	<-b.release
+	return b.Store.Admit(ctx, batch)
+}
+
+// TestOverloadIsRefusedWith503: past MaxInFlight submissions, the API
+// answers 503 with Retry-After at once instead of queueing, and accepts
+// again once there is room.
+func TestOverloadIsRefusedWith503(t *testing.T) {
+	st, err := sqlitestore.Open(context.Background(), t.TempDir(), sqlitestore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	bs := &blockingStore{Store: st, entered: make(chan struct{}, 2), release: make(chan struct{})}
+	c, _ := sendonce.New(sendonce.Config{Store: bs})
+	api, _ := httpapi.New(httpapi.Config{Client: c, MaxInFlight: 2})
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	e := &env{t: t, srv: srv}
+
+	done := make(chan int, 2)
+	for i := 0; i < 2; i++ {
+		go func(i int) {
+			req, _ := http.NewRequest("POST", srv.URL+"/v1/emails", strings.NewReader(emailJSON))
+			req.Header.Set("Idempotency-Key", fmt.Sprintf("held-%d", i))
+			r, err := srv.Client().Do(req)
+			if err != nil {
+				done <- 0
+				return
+			}
+			r.Body.Close()
+			done <- r.StatusCode
+		}(i)
+	}
+	<-bs.entered
+	<-bs.entered // both slots are taken, inside the store
+	r := e.do("POST", "/v1/emails", key("third"), emailJSON)
+	if code, _, _ := r.errField(); r.status != 503 || code != "overloaded" || r.header.Get("Retry-After") == "" {
+		t.Fatalf("third submission: %d %s", r.status, r.raw)
+	}
+	close(bs.release)
+	for i := 0; i < 2; i++ {
+		if s := <-done; s != 202 {
+			t.Fatalf("held submission answered %d", s)
+		}
+	}
+	if r := e.do("POST", "/v1/emails", key("third"), emailJSON); r.status != 202 {
+		t.Fatalf("after the load: %d %s", r.status, r.raw)
+	}
+}

@@ -98,7 +98,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	for i, t := range cfg.Tokens {
 		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
 	}
-	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, Logger: log})
+	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log})
 	if err != nil {
 		return nil, err
 	}
