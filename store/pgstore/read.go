@@ -2,10 +2,7 @@ package pgstore
 
 import (
 	"context"
-	"encoding/base64"
 	"fmt"
-	"strconv"
-	"strings"
 
 	"github.com/jackc/pgx/v5"
 
@@ -24,30 +21,6 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 	return r, nil
 }
 
-// The cursor is the id of the last record of the previous page, with a
-// version prefix so a future format can be told apart.
-const cursorPrefix = "v1:"
-
-func encodeCursor(id int64) string {
-	return base64.RawURLEncoding.EncodeToString([]byte(cursorPrefix + strconv.FormatInt(id, 10)))
-}
-
-func decodeCursor(c string) (int64, error) {
-	b, err := base64.RawURLEncoding.DecodeString(c)
-	if err != nil {
-		return 0, store.ErrBadCursor
-	}
-	rest, ok := strings.CutPrefix(string(b), cursorPrefix)
-	if !ok {
-		return 0, store.ErrBadCursor
-	}
-	id, err := strconv.ParseInt(rest, 10, 64)
-	if err != nil || id <= 0 {
-		return 0, store.ErrBadCursor
-	}
-	return id, nil
-}
-
 // List returns a page of one tenant's records, newest (highest ID) first.
 func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 	if s.closed.Load() {
@@ -56,13 +29,7 @@ func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 	if f.State != "" && !f.State.Valid() {
 		return store.Page{}, fmt.Errorf("pgstore: list: unknown state %q", f.State)
 	}
-	limit := f.Limit
-	switch {
-	case limit <= 0:
-		limit = store.DefaultListLimit
-	case limit > store.MaxListLimit:
-		limit = store.MaxListLimit
-	}
+	limit := f.PageLimit()
 	q := "SELECT {cols} FROM {emails} WHERE tenant = $1"
 	args := []any{f.Tenant}
 	if f.State != "" {
@@ -70,7 +37,7 @@ func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 		q += fmt.Sprintf(" AND state = $%d", len(args))
 	}
 	if f.Cursor != "" {
-		after, err := decodeCursor(f.Cursor)
+		after, err := store.DecodeCursor(f.Cursor)
 		if err != nil {
 			return store.Page{}, fmt.Errorf("pgstore: list: %w", err)
 		}
@@ -90,7 +57,7 @@ func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 	p := store.Page{Records: recs}
 	if len(p.Records) > limit {
 		p.Records = p.Records[:limit]
-		p.Next = encodeCursor(p.Records[limit-1].ID)
+		p.Next = store.EncodeCursor(p.Records[limit-1].ID)
 	}
 	return p, nil
 }

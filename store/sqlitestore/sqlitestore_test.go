@@ -382,20 +382,6 @@ func TestCrashKeepsAcknowledgedAdmissions(t *testing.T) {
 	t.Logf("%d acknowledged admissions all found after SIGKILL", len(acked))
 }
 
-func TestCursorIsOpaqueAndChecked(t *testing.T) {
-	for _, id := range []int64{1, 42, 1 << 40} {
-		got, err := decodeCursor(encodeCursor(id))
-		if err != nil || got != id {
-			t.Errorf("cursor of %d decodes to %d, %v", id, got, err)
-		}
-	}
-	for _, c := range []string{"", "x", encodeCursor(0), "djE6LTE"} {
-		if _, err := decodeCursor(c); !errors.Is(err, store.ErrBadCursor) {
-			t.Errorf("decodeCursor(%q): %v, want ErrBadCursor", c, err)
-		}
-	}
-}
-
 func TestOptionsValidated(t *testing.T) {
 	_, err := Open(context.Background(), t.TempDir(), Options{MaxBatch: -1})
 	if err == nil || !strings.Contains(err.Error(), "MaxBatch") {
