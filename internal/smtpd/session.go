@@ -17,6 +17,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/sendonce/sendonce"
+	"github.com/sendonce/sendonce/internal/saslogin"
 )
 
 // Replies that do not depend on the message.
@@ -112,7 +113,7 @@ func (se *session) Auth(mech string) (sasl.Server, error) {
 	case sasl.Plain:
 		return sasl.NewPlainServer(check), nil
 	case sasl.Login:
-		return &loginServer{check: func(u, p string) error { return check("", u, p) }}, nil
+		return saslogin.NewServer(func(u, p string) error { return check("", u, p) }), nil
 	}
 	return nil, &smtp.SMTPError{Code: 504, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
 		Message: fmt.Sprintf("AUTH %s is not supported; use PLAIN or LOGIN", oneLine(mech))}
@@ -376,29 +377,4 @@ func (se *session) readError(err error) error {
 	}
 	// The client went away mid-message: nothing is recorded.
 	return err
-}
-
-// loginServer is the server side of the LOGIN mechanism, obsolete but
-// still the one some clients (Outlook, older PHP mailers) use; go-sasl
-// only implements its client side.
-type loginServer struct {
-	check    func(user, pass string) error
-	user     string
-	gotUser  bool
-	finished bool
-}
-
-func (l *loginServer) Next(response []byte) ([]byte, bool, error) {
-	switch {
-	case l.finished:
-		return nil, true, sasl.ErrUnexpectedClientResponse
-	case !l.gotUser && response == nil:
-		return []byte("Username:"), false, nil
-	case !l.gotUser:
-		l.user, l.gotUser = string(response), true
-		return []byte("Password:"), false, nil
-	default:
-		l.finished = true
-		return nil, true, l.check(l.user, string(response))
-	}
 }

@@ -27,6 +27,8 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+
+	"github.com/sendonce/sendonce/internal/saslogin"
 )
 
 // Received is one message whose final dot the sink read.
@@ -506,7 +508,7 @@ func (se *session) Auth(mech string) (sasl.Server, error) {
 			return check(user, pass)
 		}), nil
 	case sasl.Login:
-		return &loginServer{check: check}, nil
+		return saslogin.NewServer(check), nil
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
 }
@@ -619,30 +621,6 @@ func (se *session) Reset() {
 }
 
 func (se *session) Logout() error { return nil }
-
-// loginServer is the server side of the obsolete but common LOGIN
-// mechanism, which go-sasl only implements for clients.
-type loginServer struct {
-	check    func(user, pass string) error
-	user     string
-	gotUser  bool
-	finished bool
-}
-
-func (l *loginServer) Next(response []byte) ([]byte, bool, error) {
-	switch {
-	case l.finished:
-		return nil, true, sasl.ErrUnexpectedClientResponse
-	case !l.gotUser && response == nil:
-		return []byte("Username:"), false, nil
-	case !l.gotUser:
-		l.user, l.gotUser = string(response), true
-		return []byte("Password:"), false, nil
-	default:
-		l.finished = true
-		return nil, true, l.check(l.user, string(response))
-	}
-}
 
 // ClosedAddr returns a loopback address where nothing listens, for the
 // "upstream is down" case.
