@@ -110,8 +110,9 @@ type Store struct {
 	opts Options
 	lock *dirLock
 
-	wdb *sql.DB // exactly one connection, used only by the writer goroutine
-	rdb *sql.DB // read-only pool
+	wdb   *sql.DB // used only by the writer goroutine (and its statement cache)
+	stmts *stmtCache
+	rdb   *sql.DB // read-only pool
 
 	reqs       chan *request
 	quit       chan struct{} // closed by Close: the writer stops taking requests
@@ -180,11 +181,15 @@ func (s *Store) openDBs(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("sqlitestore: open %s: %w", path, err)
 	}
-	wdb.SetMaxOpenConns(1)
-	wdb.SetMaxIdleConns(1)
+	// Writes go through one goroutine, so at most one of these
+	// connections is in a transaction; the other lets the statement cache
+	// prepare while it is (see stmtCache).
+	wdb.SetMaxOpenConns(2)
+	wdb.SetMaxIdleConns(2)
 	wdb.SetConnMaxLifetime(0)
 	wdb.SetConnMaxIdleTime(0)
 	s.wdb = wdb
+	s.stmts = &stmtCache{db: wdb, m: map[string]*sql.Stmt{}}
 	if err := migrate(ctx, wdb, path); err != nil {
 		return err
 	}
@@ -205,6 +210,9 @@ func (s *Store) closeDBs() error {
 	var errs []error
 	if s.rdb != nil {
 		errs = append(errs, s.rdb.Close())
+	}
+	if s.stmts != nil {
+		s.stmts.close()
 	}
 	if s.wdb != nil {
 		errs = append(errs, s.wdb.Close())

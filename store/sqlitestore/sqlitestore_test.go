@@ -186,7 +186,7 @@ func TestPragmas(t *testing.T) {
 		c.Close()
 	}
 	// The writer's connection, through the writer.
-	_, err := s.write(t.Context(), func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	_, err := s.write(t.Context(), func(ctx context.Context, tx *wtx) (answer, error) {
 		check("write connection", tx)
 		return answer{}, nil
 	})
@@ -202,7 +202,7 @@ func TestPragmas(t *testing.T) {
 func TestNewerSchemaRefused(t *testing.T) {
 	dir := t.TempDir()
 	s := mustOpen(t, dir)
-	_, err := s.write(t.Context(), func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	_, err := s.write(t.Context(), func(ctx context.Context, tx *wtx) (answer, error) {
 		_, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", schemaVersion+1))
 		return answer{}, err
 	})
@@ -263,7 +263,7 @@ func TestBadRequestDoesNotFailBatch(t *testing.T) {
 	// Hold the writer so the requests below queue up and share a batch.
 	release := make(chan struct{})
 	held := make(chan struct{})
-	go s.write(t.Context(), func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	go s.write(t.Context(), func(ctx context.Context, tx *wtx) (answer, error) {
 		close(held)
 		<-release
 		return answer{}, nil
@@ -273,7 +273,7 @@ func TestBadRequestDoesNotFailBatch(t *testing.T) {
 	var badErr error
 	goodErrs := make([]error, 10)
 	wg.Go(func() {
-		_, badErr = s.write(t.Context(), func(ctx context.Context, tx *sql.Tx) (answer, error) {
+		_, badErr = s.write(t.Context(), func(ctx context.Context, tx *wtx) (answer, error) {
 			_, err := tx.ExecContext(ctx, "INSERT INTO no_such_table VALUES (1)")
 			return answer{}, err
 		})
@@ -314,7 +314,7 @@ func TestCloseAnswersQueuedCallers(t *testing.T) {
 	}
 	release := make(chan struct{})
 	held := make(chan struct{})
-	go s.write(t.Context(), func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	go s.write(t.Context(), func(ctx context.Context, tx *wtx) (answer, error) {
 		close(held)
 		<-release
 		return answer{}, nil

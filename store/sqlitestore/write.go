@@ -36,7 +36,7 @@ func (s *Store) Admit(ctx context.Context, batch []store.Admission) ([]store.Adm
 		}
 		enc[i] = encoded{string(to), string(tags)}
 	}
-	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	v, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		res := make([]store.AdmitResult, len(batch))
 		for i, a := range batch {
 			r, err := admitOne(ctx, tx, a, enc[i].to, enc[i].tags)
@@ -53,7 +53,7 @@ func (s *Store) Admit(ctx context.Context, batch []store.Admission) ([]store.Adm
 	return v.([]store.AdmitResult), nil
 }
 
-func admitOne(ctx context.Context, tx *sql.Tx, a store.Admission, to, tags string) (store.AdmitResult, error) {
+func admitOne(ctx context.Context, tx *wtx, a store.Admission, to, tags string) (store.AdmitResult, error) {
 	next := a.NotBefore
 	if next.IsZero() {
 		next = a.Now
@@ -116,7 +116,7 @@ func (s *Store) Claim(ctx context.Context, req store.ClaimRequest) ([]store.Reco
 	if req.Lease <= 0 {
 		return nil, fmt.Errorf("sqlitestore: claim: lease %v must be positive", req.Lease)
 	}
-	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	v, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		recs, err := claim(ctx, tx, req)
 		if err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: claim: %w", err)
@@ -129,7 +129,7 @@ func (s *Store) Claim(ctx context.Context, req store.ClaimRequest) ([]store.Reco
 	return v.([]store.Record), nil
 }
 
-func claim(ctx context.Context, tx *sql.Tx, req store.ClaimRequest) ([]store.Record, error) {
+func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]store.Record, error) {
 	now := nanos(req.Now)
 	if _, err := tx.ExecContext(ctx, `UPDATE emails SET state = 'in_doubt', last_error = ?, updated_at = ?
 		WHERE state = 'sending' AND committing = 1 AND lease_expiry <= ?`, inDoubtExpired, now, now); err != nil {
@@ -179,7 +179,7 @@ func claim(ctx context.Context, tx *sql.Tx, req store.ClaimRequest) ([]store.Rec
 // (state sending, same fence, unexpired at now); no row updated means the
 // lease is lost.
 func (s *Store) casLease(ctx context.Context, what string, l store.Lease, query string, args ...any) error {
-	_, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	_, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		res, err := tx.ExecContext(ctx, query, args...)
 		if err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, err)
@@ -218,7 +218,7 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 	if c.Result < store.ResultSent || c.Result > store.ResultRelease {
 		return fmt.Errorf("sqlitestore: complete %d/%d: unknown result %d", c.Lease.ID, c.Lease.Fence, c.Result)
 	}
-	_, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	_, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		var (
 			state      string
 			fence      int64
@@ -291,7 +291,7 @@ func (s *Store) Resolve(ctx context.Context, r store.Resolution) (store.Record, 
 	if !r.Action.Valid() {
 		return store.Record{}, fmt.Errorf("sqlitestore: resolve %q: unknown action %q", r.Key, r.Action)
 	}
-	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	v, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		var id int64
 		var state string
 		err := tx.QueryRowContext(ctx, "SELECT id, state FROM emails WHERE tenant = ? AND idem_key = ?", r.Tenant, r.Key).
@@ -338,7 +338,7 @@ func (s *Store) Sweep(ctx context.Context, before time.Time, limit int) (int, er
 	if limit <= 0 {
 		return 0, nil
 	}
-	v, err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) (answer, error) {
+	v, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		res, err := tx.ExecContext(ctx, `DELETE FROM emails WHERE id IN (
 			SELECT id FROM emails WHERE created_at < ? AND state IN ('sent', 'failed') ORDER BY created_at LIMIT ?)`,
 			nanos(before), limit)

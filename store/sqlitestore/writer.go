@@ -2,7 +2,6 @@ package sqlitestore
 
 import (
 	"context"
-	"database/sql"
 	"fmt"
 
 	"github.com/sendonce/sendonce/store"
@@ -14,7 +13,7 @@ import (
 // nothing when its answer is a logical error, so that it can share a
 // transaction with other requests, and must compute its answer from the
 // database alone, so that it can be re-run after a rollback.
-type op func(ctx context.Context, tx *sql.Tx) (ans answer, dbErr error)
+type op func(ctx context.Context, tx *wtx) (ans answer, dbErr error)
 
 type answer struct {
 	val any
@@ -151,8 +150,9 @@ func (s *Store) runTx(reqs []*request) ([]answer, error) {
 		return nil, fmt.Errorf("sqlitestore: begin: %w", err)
 	}
 	answers := make([]answer, len(reqs))
+	w := &wtx{Tx: tx, cache: s.stmts}
 	for i, r := range reqs {
-		ans, err := r.op(ctx, tx)
+		ans, err := r.op(ctx, w)
 		if err != nil {
 			tx.Rollback()
 			return nil, err
