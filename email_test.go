@@ -2,11 +2,14 @@ package sendonce
 
 import (
 	"errors"
+	"io"
 	"mime"
 	"net/mail"
 	"strings"
 	"testing"
 	"time"
+
+	gomail "github.com/emersion/go-message/mail"
 )
 
 func validEmail() Email {
@@ -176,5 +179,60 @@ func TestRender(t *testing.T) {
 	}
 	if !strings.Contains(string(data), "multipart/alternative") {
 		t.Error("text+html is not multipart/alternative")
+	}
+}
+
+// TestRenderTransferEncoding: short ASCII lines go as 7bit with CRLF line
+// ends; anything 7bit cannot carry unchanged goes quoted-printable; either
+// way the body reads back as written.
+func TestRenderTransferEncoding(t *testing.T) {
+	for _, tc := range []struct {
+		name, text, cte string
+	}{
+		{"ascii", "Hello Ann,\nyour reminder.\n\n-- \nDifio", "quoted-printable"}, // "-- " ends in a space
+		{"ascii-clean", "Hello Ann,\nyour reminder.\r\nBye", "7bit"},
+		{"utf-8", "Grüße, Ann", "quoted-printable"},
+		{"long-line", strings.Repeat("x", 999), "quoted-printable"},
+		{"998", strings.Repeat("x", 998), "7bit"},
+		{"lone-cr", "a\rb", "quoted-printable"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := validEmail()
+			e.Text = tc.text
+			n, err := e.normalize()
+			if err != nil {
+				t.Fatal(err)
+			}
+			data, err := n.render(MessageID("default", "k", "example.org"), time.Unix(0, 0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if i := strings.Index(strings.ReplaceAll(string(data), "\r\n", ""), "\n"); i >= 0 {
+				t.Fatalf("a bare LF at %d:\n%q", i, data)
+			}
+			r, err := gomail.CreateReader(strings.NewReader(string(data)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := r.NextPart()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := p.Header.Get("Content-Transfer-Encoding"); got != tc.cte {
+				t.Errorf("Content-Transfer-Encoding = %q, want %q", got, tc.cte)
+			}
+			body, _ := io.ReadAll(p.Body)
+			want := strings.ReplaceAll(strings.ReplaceAll(tc.text, "\r\n", "\n"), "\n", "\r\n") + "\r\n"
+			if tc.cte == "quoted-printable" {
+				// quoted-printable carries line breaks as the reader's
+				// own; a lone CR is one too.
+				lf := strings.NewReplacer("\r\n", "\n", "\r", "\n")
+				want = lf.Replace(tc.text) + "\n"
+				body = []byte(lf.Replace(string(body)))
+			}
+			if string(body) != want {
+				t.Errorf("body = %q, want %q", body, want)
+			}
+		})
 	}
 }
