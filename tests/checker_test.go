@@ -40,6 +40,7 @@ type tortureReport struct {
 	Nodes           int            `json:"nodes"`
 	Store           string         `json:"store"`
 	InDoubtPolicy   string         `json:"in_doubt_policy"`
+	Race            bool           `json:"race_detector"`
 	DurationSeconds float64        `json:"duration_seconds"`
 	Submissions     int            `json:"submissions"`      // submission attempts that got an answer or an error
 	DuplicateSubmit int            `json:"duplicate_submit"` // planned repeats of a key
@@ -93,7 +94,11 @@ func (r *tortureReport) summary() string {
 	if !r.ok() {
 		verdict = "FAIL"
 	}
-	fmt.Fprintf(&b, "torture %s: seed=%d emails=%d nodes=%d (%s) in_doubt=%s in %.1fs\n", verdict, r.Seed, r.Emails, r.Nodes, r.Store, r.InDoubtPolicy, r.DurationSeconds)
+	build := "race-built"
+	if !r.Race {
+		build = "built without -race"
+	}
+	fmt.Fprintf(&b, "torture %s: seed=%d emails=%d nodes=%d (%s) in_doubt=%s, %s binary, in %.1fs\n", verdict, r.Seed, r.Emails, r.Nodes, r.Store, r.InDoubtPolicy, build, r.DurationSeconds)
 	fmt.Fprintf(&b, "  submissions %d (planned repeats %d); acknowledged %d, unacknowledged %d; records by front door %v\n", r.Submissions, r.DuplicateSubmit, r.Acknowledged, r.Unacknowledged, r.RecordsBySource)
 	fmt.Fprintf(&b, "  delivered once %d; duplicated at the sink %d (in-doubt resends %d, REAL duplicates %d)\n", r.DeliveredOnce, r.DuplicatedAtSink, r.InDoubtResends, r.RealDuplicates)
 	fmt.Fprintf(&b, "  LOST %d (no record %d, sent but not at the sink %d); not settled %d; unknown at the sink %d\n", r.Lost, r.LostNoRecord, r.LostSentNotAtSink, r.NotSettled, r.UnknownAtSink)

@@ -29,6 +29,13 @@ func postgresURL(t *testing.T) string {
 	if base == "" {
 		base = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 	}
+	return postgresURLAt(t, base)
+}
+
+// postgresURLAt is postgresURL on the server of base, a URL of a database
+// on it that the test may create databases from.
+func postgresURLAt(t *testing.T, base string) string {
+	t.Helper()
 	ctx := context.Background()
 	admin, err := pgx.Connect(ctx, base)
 	if err != nil {

@@ -63,6 +63,12 @@ type tortureConfig struct {
 	// settleFor bounds the quiescent phase.
 	settleFor time.Duration
 	report    string
+	// pgRestart runs the nodes on a PostgreSQL server of the test's own
+	// (pgcluster_test.go) that the nemesis crashes and restarts.
+	pgRestart bool
+	// noRace runs a binary built without the race detector: several
+	// times faster, for long runs.
+	noRace bool
 }
 
 func envInt(t *testing.T, name string, def int) int {
@@ -88,6 +94,8 @@ func tortureConfigFromEnv(t *testing.T) tortureConfig {
 		settleFor:  3 * time.Minute,
 		report:     os.Getenv("SENDONCE_TORTURE_REPORT"),
 		sqs:        os.Getenv("SENDONCE_TORTURE_SQS") != "0",
+		pgRestart:  os.Getenv("SENDONCE_TORTURE_PG_RESTART") == "1",
+		noRace:     os.Getenv("SENDONCE_TORTURE_RACE") == "0",
 	}
 	if s := os.Getenv("SENDONCE_TORTURE_SEED"); s != "" {
 		n, err := strconv.ParseUint(s, 10, 64)
@@ -124,6 +132,9 @@ func tortureConfigFromEnv(t *testing.T) tortureConfig {
 	if c.nodes < 1 || c.nodes > 9 {
 		t.Fatalf("SENDONCE_TORTURE_NODES=%d: want 1 (SQLite) or 2..9 (PostgreSQL)", c.nodes)
 	}
+	if c.pgRestart && c.nodes < 2 {
+		t.Fatalf("SENDONCE_TORTURE_PG_RESTART=1 needs PostgreSQL: set SENDONCE_TORTURE_NODES to 2..9")
+	}
 	// Large runs produce and settle longer (about 100-300 emails/s).
 	c.produceFor = max(c.produceFor, time.Duration(c.emails)*10*time.Millisecond)
 	c.settleFor += time.Duration(c.emails/10000) * time.Minute
@@ -135,6 +146,9 @@ func tortureConfigFromEnv(t *testing.T) tortureConfig {
 // the sink that is not an in-doubt resend, and on any loss.
 func TestTorture(t *testing.T) {
 	cfg := tortureConfigFromEnv(t)
+	if cfg.noRace {
+		useBinary(t, "")
+	}
 	r := runTorture(t, cfg)
 	if !r.ok() {
 		t.Errorf("the promise was broken; replay with SENDONCE_TORTURE_SEED=%d", cfg.seed)
@@ -146,17 +160,7 @@ func TestTorture(t *testing.T) {
 // after the final dot are retried instead of recorded in_doubt) and checks
 // that the checker reports the duplicates.
 func TestTortureCatchesBrokenDispatcher(t *testing.T) {
-	dir := t.TempDir()
-	broken := filepath.Join(dir, "sendonce-broken")
-	build := exec.Command("go", "build", "-race", "-tags", "sendonce_broken", "-o", broken, "../cmd/sendonce")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building the broken binary: %v\n%s", err, out)
-	}
-	// startServerArgs runs the binary the global names; tests in this
-	// package do not run in parallel.
-	good := binary
-	binary = broken
-	t.Cleanup(func() { binary = good })
+	useBinary(t, "-race", "-tags", "sendonce_broken")
 
 	cfg := tortureConfig{
 		seed: 1, emails: 1200, nodes: 1, killEvery: 4 * time.Second, dupShare: 0.1, inDoubt: "hold",
@@ -170,6 +174,28 @@ func TestTortureCatchesBrokenDispatcher(t *testing.T) {
 		t.Fatalf("the checker found neither duplicates nor losses in a broken dispatcher:\n%s", r.summary())
 	}
 	t.Logf("as it must, the checker caught the broken dispatcher: %d real duplicates, %d lost", r.RealDuplicates, r.Lost)
+}
+
+// useBinary builds sendonce with the given flags and makes the rest of the
+// test run it instead of TestMain's race-built binary.
+func useBinary(t *testing.T, flags ...string) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "sendonce")
+	var args []string
+	for _, f := range flags {
+		if f != "" {
+			args = append(args, f)
+		}
+	}
+	build := exec.Command("go", append(append([]string{"build"}, args...), "-o", out, "../cmd/sendonce")...)
+	if b, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build %v: %v\n%s", args, err, b)
+	}
+	// startServerArgs runs the binary the global names; tests in this
+	// package do not run in parallel.
+	good := binary
+	binary = out
+	t.Cleanup(func() { binary = good })
 }
 
 // tortureCluster is the nodes of one run.
@@ -416,7 +442,8 @@ func runTorture(t *testing.T, cfg tortureConfig) *tortureReport {
 	if cfg.broken {
 		sink.SetFaults(transporttest.Fault{Step: transporttest.StepFinalDot, Action: transporttest.Drop, Probability: 0.03})
 	}
-	report := &tortureReport{Seed: cfg.seed, Emails: cfg.emails, Nodes: cfg.nodes, InDoubtPolicy: cfg.inDoubt, Faults: map[string]int{}}
+	report := &tortureReport{Seed: cfg.seed, Emails: cfg.emails, Nodes: cfg.nodes, InDoubtPolicy: cfg.inDoubt, Faults: map[string]int{},
+		Race: !cfg.noRace}
 
 	c := &tortureCluster{t: t, nodes: make([]*server, cfg.nodes), dirs: make([]string, cfg.nodes), args: make([][]string, cfg.nodes),
 		env: []string{
@@ -448,6 +475,7 @@ func runTorture(t *testing.T, cfg tortureConfig) *tortureReport {
 		sqsConf = conf
 	}
 	var db *sql.DB
+	var pg *pgCluster
 	table := "emails"
 	if cfg.nodes == 1 {
 		report.Store = "sqlite"
@@ -455,7 +483,15 @@ func runTorture(t *testing.T, cfg tortureConfig) *tortureReport {
 		c.args[0] = []string{"--transport", sink.URL()}
 	} else {
 		report.Store = "postgres"
-		storeURL := postgresURL(t)
+		pgAddr := "127.0.0.1:5432"
+		var storeURL string
+		if cfg.pgRestart {
+			pg = startPGCluster(t)
+			pgAddr = pg.addr()
+			storeURL = postgresURLAt(t, pg.url())
+		} else {
+			storeURL = postgresURL(t)
+		}
 		if out, err := exec.Command(binary, "migrate", "--postgres", storeURL).CombinedOutput(); err != nil {
 			t.Fatalf("migrate: %v\n%s", err, out)
 		}
@@ -466,7 +502,7 @@ func runTorture(t *testing.T, cfg tortureConfig) *tortureReport {
 		t.Cleanup(func() { db.Close() })
 		table = "sendonce_emails"
 		for i := range c.dirs {
-			p := newCutProxy(t, "127.0.0.1:5432")
+			p := newCutProxy(t, pgAddr)
 			c.proxies = append(c.proxies, p)
 			c.dirs[i] = t.TempDir()
 			c.args[i] = []string{"--store", viaProxy(t, storeURL, p.Addr()), "--transport", sink.URL()}
@@ -533,6 +569,19 @@ func runTorture(t *testing.T, cfg tortureConfig) *tortureReport {
 				cut = (i + 1 + nrng.IntN(cfg.nodes-1)) % cfg.nodes
 				c.proxies[cut].setCut(true)
 				fault("db_cut")
+			}
+			if pg != nil && nrng.Float64() < 0.2 {
+				// A crash of the database server itself, WAL replay
+				// and all; every node loses every connection at once.
+				if err := pg.crash(); err != nil {
+					t.Errorf("crashing PostgreSQL: %v", err)
+					return
+				}
+				if err := pg.start(); err != nil {
+					t.Errorf("restarting PostgreSQL: %v", err)
+					return
+				}
+				fault("db_restart")
 			}
 		}
 	}()
