@@ -101,10 +101,11 @@ if [ "$mode" = correct ]; then
 	# 3. Liveness: <>[] every email sent or failed, checked for acceptance
 	#    cycles WITHOUT a fairness assumption (every loop of the model is
 	#    bounded, so no fairness is needed; LIVE_FAIR=1 adds weak fairness,
-	#    same states, ~7x slower). Crashes bounded by LIVE_MAXCRASH (default 0:
-	#    the safety run's quiescence assertion covers 2 crashes per worker).
+	#    same states, ~7x slower). Crashes bounded by LIVE_MAXCRASH (default 1:
+	#    one crash per worker, at any step; the safety run's quiescence
+	#    assertion covers terminal states with 2 crashes per worker).
 	if [ "${LIVE_FAIR:-0}" = 1 ]; then fair="-f"; nfair="-DNFAIR=3"; else fair=""; nfair=""; fi
-	run liveness pass "-DMAXCRASH=${LIVE_MAXCRASH:-0}" "$nfair -DCOLLAPSE" "-m200000 -a $fair -N live"
+	run liveness pass "-DMAXCRASH=${LIVE_MAXCRASH:-1}" "$nfair -DCOLLAPSE" "-m200000 -a $fair -N live"
 else
 	run broken-no-marker fail "-DBROKEN_NO_MARKER" "-DSAFETY -DNOCLAIM" "-m200000"
 	run broken-no-fence fail "-DBROKEN_NO_FENCE" "-DSAFETY -DNOCLAIM" "-m200000"
