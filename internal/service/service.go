@@ -224,9 +224,14 @@ func NewTransport(ctx context.Context, cfg config.Config) (transport.Transport, 
 	case strings.HasPrefix(t, "maildir:"):
 		return maildir.New(strings.TrimPrefix(t, "maildir:"))
 	default:
+		idle := cfg.SMTP.MaxIdleConns
+		if idle == 0 {
+			// one pooled connection per concurrent delivery
+			idle = cfg.Dispatch.Workers
+		}
 		opts := smtptransport.Options{
 			HelloName:          cfg.SMTP.Helo,
-			MaxIdleConns:       cfg.SMTP.MaxIdleConns,
+			MaxIdleConns:       idle,
 			MaxMessagesPerConn: cfg.SMTP.MaxMessagesPerConn,
 			DialTimeout:        time.Duration(cfg.SMTP.DialTimeout),
 			CommandTimeout:     time.Duration(cfg.SMTP.CommandTimeout),
