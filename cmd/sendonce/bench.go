@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -16,6 +17,7 @@ import (
 func newBench() *cobra.Command {
 	var o bench.Options
 	var asJSON bool
+	var cpuProfile string
 	cmd := &cobra.Command{
 		Use:   "bench --path " + strings.Join(bench.Paths, "|"),
 		Short: "Measure throughput and latency of a path against its ceiling, on loopback",
@@ -38,6 +40,14 @@ Everything listens on 127.0.0.1. The progress bar goes to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.Progress = cmd.ErrOrStderr()
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				o.CPUProfile = f
+			}
 			rep, err := bench.Run(cmd.Context(), o)
 			if err != nil {
 				return err
@@ -58,6 +68,9 @@ Everything listens on 127.0.0.1. The progress bar goes to stderr.`,
 	f.StringVar(&o.Dir, "dir", "", "directory on the disk to measure (default: a new temp dir, removed at the end)")
 	f.IntVar(&o.Size, "size", 4096, "body size of each email in bytes")
 	f.StringVar(&o.Sink, "sink", "smtp", "e2e destination: smtp (a local sink) or maildir")
+	f.Float64Var(&o.Rate, "rate", 0, "e2e: submit at this many emails per second in all (open loop) instead of as fast as the callers go")
+	f.IntVar(&o.Workers, "workers", 0, "e2e: the dispatcher's concurrent deliveries (0: the service's default)")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the measured path (library, e2e) to this file (go tool pprof)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,6 +63,18 @@ type Options struct {
 	// Sink is where e2e delivers: "smtp" (default, a local SMTP sink the
 	// bench starts) or "maildir".
 	Sink string
+	// Rate (e2e only), when positive, paces the measured path's submissions at this
+	// many per second in all (an open loop: a late caller does not slow
+	// the schedule), instead of as fast as the callers go. The e2e path
+	// with a rate its dispatcher sustains measures the latency that a
+	// loaded but not overloaded service gives.
+	Rate float64
+	// Workers (e2e only) is the dispatcher's number of concurrent deliveries;
+	// 0 is the service's default.
+	Workers int
+	// CPUProfile, when set, receives a pprof CPU profile of the measured
+	// path (library and e2e; not of the ceilings).
+	CPUProfile io.Writer
 	// Progress receives a progress bar per phase; nil shows none.
 	Progress io.Writer
 }
@@ -122,6 +135,12 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Store != "" && opts.Path != PathLibrary {
 		return nil, fmt.Errorf("bench: --store postgres is supported by the library path only")
 	}
+	if opts.Rate < 0 || opts.Workers < 0 {
+		return nil, fmt.Errorf("bench: --rate and --workers must not be negative")
+	}
+	if (opts.Rate > 0 || opts.Workers > 0) && opts.Path != PathE2E {
+		return nil, fmt.Errorf("bench: --rate and --workers apply to the e2e path only")
+	}
 	if opts.Dir == "" {
 		d, err := os.MkdirTemp("", "sendonce-bench-")
 		if err != nil {
@@ -167,6 +186,22 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 type bencher struct {
 	opts Options
 	seq  atomic.Int64 // unique keys across phases
+	// paced is set while the measured path runs, so that Rate applies to
+	// it and not to its ceilings.
+	paced bool
+}
+
+// profile starts the CPU profile of the measured path, if one is wanted,
+// and returns the function that stops it.
+func (b *bencher) profile() (stop func(), err error) {
+	if b.opts.CPUProfile == nil {
+		return func() {}, nil
+	}
+	if err := pprof.StartCPUProfile(b.opts.CPUProfile); err != nil {
+		return nil, fmt.Errorf("bench: cpu profile: %w", err)
+	}
+	var once sync.Once
+	return func() { once.Do(pprof.StopCPUProfile) }, nil
 }
 
 func (b *bencher) key(prefix string) string {
@@ -261,6 +296,32 @@ func (b *bencher) drive(ctx context.Context, name string, conc int, f op) (Row, 
 	defer cancel()
 	p := b.begin(name)
 	deadline := p.start.Add(b.opts.Duration)
+	var slot atomic.Int64
+	var interval time.Duration
+	if b.paced && b.opts.Rate > 0 {
+		interval = time.Duration(float64(time.Second) / b.opts.Rate)
+	}
+	// wait holds a caller until its slot of the schedule; false when the
+	// slot falls after the deadline.
+	wait := func() bool {
+		if interval == 0 {
+			return true
+		}
+		at := p.start.Add(time.Duration(slot.Add(1)-1) * interval)
+		if !at.Before(deadline) {
+			return false
+		}
+		if d := time.Until(at); d > 0 {
+			t := time.NewTimer(d) // pacing, not synchronisation
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				return false
+			}
+		}
+		return true
+	}
 	var wg sync.WaitGroup
 	var firstErr error
 	var errOnce sync.Once
@@ -273,6 +334,9 @@ func (b *bencher) drive(ctx context.Context, name string, conc int, f op) (Row, 
 				p.mu.Unlock()
 			}()
 			for ctx.Err() == nil && time.Now().Before(deadline) {
+				if !wait() {
+					return
+				}
 				t0 := time.Now()
 				n, err := f(ctx, w)
 				if err != nil {

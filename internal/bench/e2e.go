@@ -47,7 +47,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 			return nil, err
 		}
 		defer s.close()
-		if tr, err = smtptransport.New("smtp://"+s.addr(), smtptransport.Options{}); err != nil {
+		if tr, err = smtptransport.New("smtp://"+s.addr(), smtptransport.Options{MaxIdleConns: b.opts.Workers}); err != nil {
 			return nil, err
 		}
 	} else if tr, err = maildir.New(filepath.Join(dir, "maildir")); err != nil {
@@ -55,6 +55,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 	}
 	defer tr.Close()
 	c, err := sendonce.New(sendonce.Config{Store: st, Transport: tr, Dispatch: sendonce.DispatchConfig{
+		Workers: b.opts.Workers,
 		Observer: func(r sendonce.Record, result string, _ error) {
 			if result != "sent" {
 				return
@@ -82,6 +83,12 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 	start := time.Now()
 	e := b.email()
 	var n atomic.Int64
+	stopProfile, err := b.profile()
+	if err != nil {
+		return nil, err
+	}
+	defer stopProfile()
+	b.paced = true
 	row, err := b.drive(ctx, "e2e-admit", b.opts.Concurrency, func(ctx context.Context, _ int) (int, error) {
 		rc, err := c.Submit(ctx, sendonce.Submission{Key: b.key("e2e"), Email: e})
 		if err != nil {
@@ -94,6 +101,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 		n.Add(1)
 		return 1, nil
 	})
+	b.paced = false
 	if err != nil {
 		return nil, err
 	}
@@ -114,6 +122,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	stopProfile()
 	if err := stopRun(); err != nil && !errors.Is(err, context.Canceled) {
 		return nil, err
 	}

@@ -73,6 +73,11 @@ func (b *bencher) submitRow(ctx context.Context, name string, st store.Store) (R
 	if err != nil {
 		return Row{}, err
 	}
+	stop, err := b.profile()
+	if err != nil {
+		return Row{}, err
+	}
+	defer stop()
 	e := b.email()
 	return b.drive(ctx, name, b.opts.Concurrency, func(ctx context.Context, _ int) (int, error) {
 		_, err := c.Submit(ctx, sendonce.Submission{Key: b.key("lib"), Email: e})
