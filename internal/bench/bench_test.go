@@ -1,9 +1,13 @@
 package bench
 
 import (
+	"bytes"
 	"context"
+	"os"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // TestSmoke runs every path briefly with few callers: a functional check
@@ -28,5 +32,49 @@ func TestSmoke(t *testing.T) {
 				t.Errorf("row %s has no ratio to a ceiling: %+v", r.Path, r)
 			}
 		})
+	}
+}
+
+// TestSmokePostgres runs the library path on PostgreSQL: sendonce's
+// admissions and the bare batched INSERT ceiling, in a fresh schema.
+func TestSmokePostgres(t *testing.T) {
+	url := os.Getenv("SENDONCE_TEST_POSTGRES")
+	if url == "" {
+		url = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	}
+	conn, err := pgx.Connect(context.Background(), url)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("no PostgreSQL at %s (CI=true requires one): %v", url, err)
+		}
+		t.Skipf("SKIPPED: no PostgreSQL at %s: set SENDONCE_TEST_POSTGRES=postgres://... (%v)", url, err)
+	}
+	conn.Close(context.Background())
+	rep, err := Run(context.Background(), Options{Path: PathLibrary, Store: url, Duration: 300 * time.Millisecond, Concurrency: 4, Size: 1024, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Rows) != 2 || rep.Rows[1].Path != "ceiling-pg-batched-insert" || rep.Rows[1].Ops <= 0 || rep.Rows[0].Ratio <= 0 {
+		t.Fatalf("rows = %+v, want sendonce on PostgreSQL and its batched-insert ceiling", rep.Rows)
+	}
+}
+
+// TestSmokeRateAndProfile: a paced e2e run submits about rate x duration
+// emails (never more than its schedule holds) and writes a CPU profile.
+func TestSmokeRateAndProfile(t *testing.T) {
+	var prof bytes.Buffer
+	rep, err := Run(context.Background(), Options{Path: PathE2E, Duration: 500 * time.Millisecond, Concurrency: 8, Size: 1024,
+		Dir: t.TempDir(), Rate: 200, Workers: 4, CPUProfile: &prof})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := rep.Rows[0].Ops; n <= 0 || n > 100 {
+		t.Errorf("delivered %d emails at 200/s for 0.5s, want 1..100", n)
+	}
+	if prof.Len() == 0 {
+		t.Error("no CPU profile written")
+	}
+	if _, err := Run(context.Background(), Options{Path: PathLibrary, Rate: 10}); err == nil {
+		t.Error("--rate on the library path was accepted; it applies to e2e only")
 	}
 }

@@ -252,7 +252,7 @@ func (b *bencher) libraryPG(ctx context.Context) ([]Row, error) {
 		return nil, err
 	}
 	defer pool.Close()
-	table := pgx.Identifier{schema, "emails"}.Sanitize()
+	table := pgx.Identifier{schema, "sendonce_emails"}.Sanitize()
 	insert := `INSERT INTO ` + table + ` (tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source,
 		state, next_attempt, created_at, updated_at, data)
 		SELECT 't', k, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1, d
