@@ -71,6 +71,7 @@ Everything listens on 127.0.0.1. The progress bar goes to stderr.`,
 	f.Float64Var(&o.Rate, "rate", 0, "e2e: submit at this many emails per second in all (open loop) instead of as fast as the callers go")
 	f.IntVar(&o.Workers, "workers", 0, "e2e: the dispatcher's concurrent deliveries (0: the service's default)")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the measured path (library, e2e) to this file (go tool pprof)")
+	f.IntVar(&o.Prefill, "prefill", 0, "library on SQLite: measure admissions into a ledger of this many records against one of 10,000")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/sendonce/sendonce/store"
+	"github.com/sendonce/sendonce/store/sqlitestore"
 )
 
 // TestSmoke runs every path briefly with few callers: a functional check
@@ -76,5 +80,30 @@ func TestSmokeRateAndProfile(t *testing.T) {
 	}
 	if _, err := Run(context.Background(), Options{Path: PathLibrary, Rate: 10}); err == nil {
 		t.Error("--rate on the library path was accepted; it applies to e2e only")
+	}
+}
+
+// TestSmokePrefill: --prefill measures a ledger of that many records
+// against one of 10,000, and the prefilled records are really there.
+func TestSmokePrefill(t *testing.T) {
+	dir := t.TempDir()
+	rep, err := Run(context.Background(), Options{Path: PathLibrary, Prefill: 20_000, Duration: 300 * time.Millisecond, Concurrency: 4, Size: 1024, Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Rows) != 2 || rep.Rows[0].Path != "library@20000" || rep.Rows[0].Ceiling != "library@10000" || rep.Rows[0].Ratio <= 0 {
+		t.Fatalf("rows = %+v", rep.Rows)
+	}
+	st, err := sqlitestore.Open(context.Background(), filepath.Join(dir, "scale-20000"), sqlitestore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c, err := st.Counts(context.Background(), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c[store.StateSent] != 20_000 {
+		t.Errorf("the prefilled ledger has %d sent records, want 20000 (%+v)", c[store.StateSent], c)
 	}
 }

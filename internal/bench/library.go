@@ -41,6 +41,9 @@ func (b *bencher) library(ctx context.Context) ([]Row, error) {
 	if b.opts.Store != "" {
 		return b.libraryPG(ctx)
 	}
+	if b.opts.Prefill > 0 {
+		return b.libraryScale(ctx)
+	}
 	row, err := b.libraryRow(ctx)
 	if err != nil {
 		return nil, err
@@ -83,6 +86,77 @@ func (b *bencher) submitRow(ctx context.Context, name string, st store.Store) (R
 		_, err := c.Submit(ctx, sendonce.Submission{Key: b.key("lib"), Email: e})
 		return 1, err
 	})
+}
+
+// smallLedger is the size of the ledger --prefill compares with.
+const smallLedger = 10_000
+
+// libraryScale measures Client.Submit into a ledger of Prefill records,
+// then into one of smallLedger records: the second is the first's ceiling.
+func (b *bencher) libraryScale(ctx context.Context) ([]Row, error) {
+	var rows []Row
+	for _, n := range []int{b.opts.Prefill, smallLedger} {
+		name := fmt.Sprintf("library@%d", n)
+		dir := filepath.Join(b.opts.Dir, fmt.Sprintf("scale-%d", n))
+		st, err := sqlitestore.Open(ctx, dir, sqlitestore.Options{})
+		if err != nil {
+			return nil, err
+		}
+		st.Close() // it made the schema
+		if b.opts.Progress != nil {
+			fmt.Fprintf(b.opts.Progress, "prefilling a ledger with %d sent records...\n", n)
+		}
+		if err := prefillSQLite(ctx, dir, n); err != nil {
+			return nil, err
+		}
+		if st, err = sqlitestore.Open(ctx, dir, sqlitestore.Options{}); err != nil {
+			return nil, err
+		}
+		row, err := b.submitRow(ctx, name, st)
+		st.Close()
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, row)
+	}
+	rows[0].Ceiling = rows[1].Path
+	rows[0].Note = "ceiling: the same admissions into a ledger of " + itoa(smallLedger) + " records"
+	return rows, nil
+}
+
+// prefillSQLite adds n sent records, bodies purged, to the ledger in dir,
+// with keys spread evenly over the space that key("lib") draws from. It is
+// set-up, not measurement: it commits without fsync and checkpoints at the
+// end, so the measured phase starts with the records in the database file.
+func prefillSQLite(ctx context.Context, dir string, n int) error {
+	q := url.Values{}
+	q.Add("_pragma", "busy_timeout(5000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(OFF)")
+	db, err := sql.Open("sqlite", "file:"+(&url.URL{Path: filepath.Join(dir, sqlitestore.DBFile)}).EscapedPath()+"?"+q.Encode())
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	step := int64((uint64(1) << 63) / uint64(n))
+	now := time.Now().UnixNano()
+	const chunk = 200_000
+	for from := 0; from < n; from += chunk {
+		to := min(n, from+chunk) - 1
+		if _, err := db.ExecContext(ctx, `INSERT INTO emails
+			(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
+			 attempts, next_attempt, created_at, updated_at, sent_at, data)
+			WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?)
+			SELECT 'default', printf('lib%016x', x * ?), 'v1:prefill', printf('<prefill.%d@example.com>', x),
+				'bench@example.com', '["rcpt@example.com"]', 'Your receipt', '{"campaign":"bench"}', '', 'sent',
+				1, 0, ?, ?, ?, x''
+			FROM c`, from, to, step, now, now, now); err != nil {
+			return fmt.Errorf("bench: prefill: %w", err)
+		}
+	}
+	_, err = db.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)")
+	return err
 }
 
 // groupCommit is the ceilings' writer: one goroutine drains up to max
@@ -174,18 +248,24 @@ func (b *bencher) ceilingSQLite(ctx context.Context) (Row, error) {
 	defer db.Close()
 	db.SetMaxOpenConns(1)
 	data := make([]byte, b.opts.Size+600) // the rendered message: body and headers
+	// Prepared once, as the store prepares its own statements.
+	ins, err := db.PrepareContext(ctx, `INSERT INTO emails
+		(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
+		 next_attempt, created_at, updated_at, data)
+		VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1, ?)`)
+	if err != nil {
+		return Row{}, err
+	}
+	defer ins.Close()
 	g := startGroupCommit(1, sqlitestore.DefaultMaxBatch, func(keys []string) error {
 		tx, err := db.Begin()
 		if err != nil {
 			return err
 		}
 		defer tx.Rollback()
+		st := tx.Stmt(ins)
 		for _, k := range keys {
-			if _, err := tx.Exec(`INSERT INTO emails
-				(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
-				 next_attempt, created_at, updated_at, data)
-				VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1, ?)`,
-				k, data); err != nil {
+			if _, err := st.Exec(k, data); err != nil {
 				return err
 			}
 		}
