@@ -155,6 +155,25 @@ func TestTorture(t *testing.T) {
 	}
 }
 
+// TestTorturePostgresRestart is the CI-sized run on PostgreSQL: two nodes
+// on a server of the test's own that the nemesis crashes and restarts, as
+// well as killing nodes and cutting them off. TestTorture covers SQLite in
+// CI; SENDONCE_TORTURE_* configure only TestTorture.
+func TestTorturePostgresRestart(t *testing.T) {
+	cfg := tortureConfig{
+		seed: uint64(time.Now().UnixNano()), emails: 8000, nodes: 2, killEvery: 3 * time.Second, dupShare: 0.15,
+		inDoubt: "hold", produceFor: 10 * time.Minute, settleFor: 4 * time.Minute, pgRestart: true,
+		sqs: os.Getenv("SENDONCE_TORTURE_SQS") != "0",
+	}
+	if s := os.Getenv("SENDONCE_TORTURE_REPORT"); s != "" {
+		cfg.report = strings.TrimSuffix(s, ".json") + "-postgres.json"
+	}
+	r := runTorture(t, cfg)
+	if !r.ok() {
+		t.Errorf("the promise was broken; replay with SENDONCE_TORTURE_SEED=%d SENDONCE_TORTURE_NODES=2 SENDONCE_TORTURE_EMAILS=8000 SENDONCE_TORTURE_PG_RESTART=1 go test -run 'TestTorture$' ./tests", cfg.seed)
+	}
+}
+
 // TestTortureCatchesBrokenDispatcher runs a short torture against a binary
 // built with -tags sendonce_broken (internal/dispatch/broken.go: outcomes
 // after the final dot are retried instead of recorded in_doubt) and checks
