@@ -131,6 +131,21 @@ func (l *Ledger) Records() []store.Record {
 	}
 }
 
+// Emails is the number of records, whatever their state: cheap enough to
+// poll while thousands are admitted.
+func (l *Ledger) Emails() int {
+	l.t.Helper()
+	counts, err := l.Counts(context.Background(), "")
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	var n int64
+	for _, c := range counts {
+		n += c
+	}
+	return int(n)
+}
+
 // Count is the number of records and the sum of their duplicates.
 func (l *Ledger) Count() (records int, duplicates int64) {
 	l.t.Helper()
@@ -227,8 +242,8 @@ const wait = 30 * time.Second
 func waitRecords(t *testing.T, l *Ledger, n int) {
 	t.Helper()
 	Eventually(t, wait, fmt.Sprintf("%d records", n), func() (bool, string) {
-		r, d := l.Count()
-		return r >= n, fmt.Sprintf("%d records, %d duplicates", r, d)
+		r := l.Emails()
+		return r >= n, fmt.Sprintf("%d records", r)
 	})
 }
 
@@ -379,7 +394,7 @@ func testCrashBeforeAck(t *testing.T, h Harness) {
 func testMalformed(t *testing.T, h Harness) {
 	l := NewLedger(t)
 	invalid := map[string]string{ // body → what the reason must say
-		`tasks.cron_monthly_email_reminder[a9e5a73a]`:                                                                  "not valid JSON",
+		`tasks.cron_monthly_email_reminder[a9e5a73a]`:                                                                 "not valid JSON",
 		`{"from": "noreply@example.org", "to": ["ann@example.com"], "subject": "Hi", "colour": "blue"}`:               "job: colour: unknown field",
 		`{"from": "noreply@example.org", "to": ["ann at example"], "subject": "Hi"}`:                                  "job: to[0]:",
 		`{"version": 2, "from": "noreply@example.org", "to": ["ann@example.com"], "subject": "Hi"}`:                   "job: version: version 2 is not supported",
