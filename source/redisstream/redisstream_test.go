@@ -6,7 +6,11 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -240,5 +244,140 @@ func TestOptionsErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("New(%+v) = %v, want an error saying %q", tc.o, err, tc.want)
 		}
+	}
+}
+
+// privateRedis is a redis-server of one test, on a free port, with an
+// append-only file fsynced at every write: killed and started again, it
+// keeps the stream, the group and its pending entries.
+type privateRedis struct {
+	t    testing.TB
+	dir  string
+	port int
+	cmd  *exec.Cmd
+}
+
+func startPrivateRedis(t testing.TB) *privateRedis {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		msg := "SKIPPED: redis-server is not installed (apt-get install redis-server); this test runs a private one to kill"
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("CI=true and %s", msg)
+		}
+		t.Skip(msg)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	r := &privateRedis{t: t, dir: t.TempDir(), port: port}
+	r.start()
+	t.Cleanup(r.kill)
+	return r
+}
+
+func (r *privateRedis) addr() string { return fmt.Sprintf("127.0.0.1:%d", r.port) }
+
+func (r *privateRedis) start() {
+	r.t.Helper()
+	r.cmd = exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1", "--save", "",
+		"--appendonly", "yes", "--appendfsync", "always", "--dir", r.dir, "--logfile", filepath.Join(r.dir, "redis.log"))
+	if err := r.cmd.Start(); err != nil {
+		r.t.Fatal(err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: r.addr(), MaxRetries: -1})
+	defer rdb.Close()
+	sourcetest.Eventually(r.t, 20*time.Second, "the private redis-server answers", func() (bool, string) {
+		err := rdb.Ping(context.Background()).Err()
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// kill ends the server with SIGKILL: no shutdown, no last write.
+func (r *privateRedis) kill() {
+	if r.cmd != nil && r.cmd.Process != nil {
+		r.cmd.Process.Kill()
+		r.cmd.Wait()
+		r.cmd = nil
+	}
+}
+
+// TestRedisKilledMidRun: 10,000 jobs; twice in the middle of the run the
+// Redis server is killed (SIGKILL) and started again on its append-only
+// file. The source backs off while it is gone, and then goes on; entries
+// handed to it by a read whose answer was lost are claimed back after
+// ClaimIdle. Every job is one email: 10,000 records, nothing pending.
+func TestRedisKilledMidRun(t *testing.T) {
+	t.Parallel()
+	srv := startPrivateRedis(t)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.addr()})
+	defer rdb.Close()
+	ctx := context.Background()
+	const n = 10000
+	stream := "emails"
+	began := time.Now()
+	for start := 0; start < n; start += 1000 {
+		pipe := rdb.Pipeline()
+		for i := start; i < start+1000; i++ {
+			pipe.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []any{
+				FieldJob, string(sourcetest.Job(t, "", fmt.Sprintf("user%05d", i))),
+				FieldKey, fmt.Sprintf("tasks.send_reminder[%05d]", i),
+			}})
+		}
+		if _, err := pipe.Exec(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("added %d entries in %v", n, time.Since(began).Round(time.Millisecond))
+	began = time.Now()
+
+	l := sourcetest.NewLedger(t)
+	src, err := New(ctx, Options{URL: "redis://" + srv.addr(), Stream: stream, Consumer: "node1", Concurrency: 4, BatchSize: 50,
+		Block: 200 * time.Millisecond, ClaimIdle: time.Second, Logger: testLogger(t, "node1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := sourcetest.Start(t, src, l)
+	for _, at := range []int{3000, 7000} {
+		sourcetest.Eventually(t, 3*time.Minute, fmt.Sprintf("%d records", at), func() (bool, string) {
+			got := l.Emails()
+			return got >= at, fmt.Sprintf("%d records; %+v", got, src.Stats())
+		})
+		before := src.Stats().Errors
+		srv.kill()
+		sourcetest.Eventually(t, 30*time.Second, "the source notices Redis is gone", func() (bool, string) {
+			return src.Stats().Errors >= before+2, fmt.Sprintf("%+v", src.Stats())
+		})
+		srv.start()
+	}
+	sourcetest.Eventually(t, 3*time.Minute, "every job recorded and acknowledged", func() (bool, string) {
+		got := l.Emails()
+		o := outstanding(t, rdb, stream, DefaultGroup)
+		return got >= n && o == 0, fmt.Sprintf("%d records, %d outstanding; %+v", got, o, src.Stats())
+	})
+	r.Stop()
+	t.Logf("consumed in %v", time.Since(began).Round(time.Millisecond))
+	recs := l.Records()
+	seen := map[string]bool{}
+	var dups int64
+	for _, rec := range recs {
+		if !strings.HasPrefix(rec.Key, "tasks.send_reminder[") || seen[rec.Key] {
+			t.Errorf("unexpected or repeated key %q", rec.Key)
+		}
+		seen[rec.Key] = true
+		dups += rec.Duplicates
+	}
+	st := src.Stats()
+	t.Logf("%d records, %d duplicates answered; stats %+v", len(recs), dups, st)
+	if len(recs) != n {
+		t.Errorf("%d records, want %d", len(recs), n)
+	}
+	if st.Admitted != n || st.Duplicates != dups || st.DeadLettered != 0 {
+		t.Errorf("stats %+v, want %d admitted, %d duplicates, none dead-lettered", st, n, dups)
+	}
+	if dl, _ := rdb.XLen(ctx, stream+DeadLetterSuffix).Result(); dl != 0 {
+		t.Errorf("%d dead letters", dl)
 	}
 }
