@@ -60,6 +60,8 @@ const (
 	DefaultFetchWait       = 2 * time.Second
 	DefaultAckWait         = 30 * time.Second
 	DefaultShutdownTimeout = 30 * time.Second
+	// DeadLetterSubjectPrefix makes the default dead-letter subject.
+	DeadLetterSubjectPrefix = "sendonce.dead."
 )
 
 // Options configures a Source.
@@ -99,7 +101,7 @@ type Options struct {
 	MaxDeliver int
 	// DeadLetterSubject receives every message that can never be
 	// admitted, with the reason. A stream must capture it, and not the
-	// source's stream. Required.
+	// source's stream. Default "sendonce.dead." + Stream.
 	DeadLetterSubject string
 	// ShutdownTimeout bounds how long the batches in flight may take to
 	// finish once Run's context ends. Default 30s.
@@ -135,10 +137,6 @@ func (o *Options) validate() error {
 	if o.Stream == "" {
 		return errors.New("natsjs: Options.Stream is required; name the JetStream stream that holds the jobs")
 	}
-	if o.DeadLetterSubject == "" {
-		return fmt.Errorf("natsjs: stream %s: Options.DeadLetterSubject is empty, so a message that is not a valid job would have nowhere to go with its reason; "+
-			"create a stream for dead letters (nats stream add %s-dead --subjects %s.dead) and give its subject", o.Stream, o.Stream, strings.ToLower(o.Stream))
-	}
 	for name, n := range map[string]int{"Concurrency": o.Concurrency, "BatchSize": o.BatchSize, "MaxDeliver": o.MaxDeliver} {
 		if n < 0 {
 			return fmt.Errorf("natsjs: Options.%s is %d; use a positive number, or 0 for the default", name, n)
@@ -158,6 +156,9 @@ func (o *Options) validate() error {
 func (o *Options) withDefaults() {
 	if o.Consumer == "" {
 		o.Consumer = DefaultConsumer
+	}
+	if o.DeadLetterSubject == "" {
+		o.DeadLetterSubject = DeadLetterSubjectPrefix + o.Stream
 	}
 	if o.Tenant == "" {
 		o.Tenant = sendonce.DefaultTenant
@@ -214,7 +215,8 @@ func New(ctx context.Context, o Options) (*Source, error) {
 	}
 	dlStream, err := s.js.StreamNameBySubject(ctx, o.DeadLetterSubject)
 	if err != nil {
-		return nil, fmt.Errorf("natsjs: no stream captures the dead-letter subject %s (Options.DeadLetterSubject): %w; create one (nats stream add %s-dead --subjects %s)", o.DeadLetterSubject, err, o.Stream, o.DeadLetterSubject)
+		return nil, fmt.Errorf("natsjs: no stream captures the dead-letter subject %s (Options.DeadLetterSubject): %w; so that an invalid job is kept with its reason, "+
+			"create one (nats stream add %s_DEAD --subjects %s), or name another subject that a stream captures", o.DeadLetterSubject, err, o.Stream, o.DeadLetterSubject)
 	}
 	if dlStream == o.Stream {
 		return nil, fmt.Errorf("natsjs: the dead-letter subject %s (Options.DeadLetterSubject) is captured by the source's own stream %s; invalid jobs would come back forever. Use a subject of another stream", o.DeadLetterSubject, o.Stream)

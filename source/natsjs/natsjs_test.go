@@ -201,8 +201,8 @@ func TestRefuses(t *testing.T) {
 		want string
 	}{
 		{Options{Stream: "S", DeadLetterSubject: "d"}, "Options.URL is required"},
-		{Options{URL: url, DeadLetterSubject: "d"}, "Options.Stream is required"},
-		{Options{URL: url, Stream: s.name}, "Options.DeadLetterSubject is empty"},
+		{Options{URL: url}, "Options.Stream is required"},
+		{Options{URL: url, Stream: s.name}, "no stream captures the dead-letter subject sendonce.dead." + s.name},
 		{Options{URL: url, Stream: s.name, DeadLetterSubject: s.deadSub, AckWait: 100 * time.Millisecond}, "Options.AckWait"},
 		{Options{URL: url, Stream: "NO_SUCH_" + s.name, DeadLetterSubject: s.deadSub}, "Options.Stream"},
 		{Options{URL: url, Stream: s.name, DeadLetterSubject: "nowhere." + strings.ToLower(s.name)}, "no stream captures"},
