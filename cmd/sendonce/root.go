@@ -85,7 +85,7 @@ then these flags.`,
 	cmd.Flags().StringVar(&storeURL, "store", "", "ledger: empty for SQLite in --data, or postgres://... shared by every node")
 	cmd.Flags().BoolVar(&migrate, "migrate", false, "apply PostgreSQL schema migrations at start")
 	cmd.Flags().StringVar(&smtpAddr, "smtp", "", "SMTP submission address, or off (default 127.0.0.1:2525)")
-	cmd.Flags().StringArrayVar(&sources, "source", nil, "consume email jobs from a broker: sqs:QUEUE_URL (repeatable)")
+	cmd.Flags().StringArrayVar(&sources, "source", nil, "consume email jobs from a broker (repeatable): sqs:QUEUE_URL, amqp://...?queue=NAME&dead_letter_exchange=DLX, nats://...?stream=NAME&consumer=NAME, redis://...?stream=NAME&group=NAME (docs/jobs.md)")
 	return cmd
 }
 

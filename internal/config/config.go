@@ -94,20 +94,64 @@ type Tenant struct {
 	FingerprintWindow Duration `yaml:"fingerprint_window"`
 }
 
-// Source is one broker consumer. Exactly one kind is set.
+// Source is one broker consumer. Exactly one kind (sqs, amqp, nats,
+// redis) is set. The settings of the amqp, nats and redis kinds may also
+// be given as query parameters of their URL
+// (redis://host:6379/0?stream=emails&group=sendonce); see source.go.
 type Source struct {
 	// SQS is a queue URL as SQS returns it
 	// (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME).
 	SQS string `yaml:"sqs"`
+	// AMQP is a RabbitMQ URL, amqp://user:password@host:5672/vhost.
+	AMQP string `yaml:"amqp"`
+	// NATS is a NATS URL with JetStream, nats://host:4222.
+	NATS string `yaml:"nats"`
+	// Redis is a Redis URL, redis://[user:password@]host:6379[/db].
+	Redis string `yaml:"redis"`
 	// Tenant owns the keys of the jobs; default "default".
 	Tenant      string `yaml:"tenant"`
 	Concurrency int    `yaml:"concurrency"`
-	// WaitTime is the long-polling wait (at most 20s).
+	// WaitTime is the long-polling wait (at most 20s). SQS.
 	WaitTime          Duration `yaml:"wait_time"`
 	VisibilityTimeout Duration `yaml:"visibility_timeout"`
 	// DeadLetterQueue receives invalid jobs with the reason; without it
-	// the queue needs a redrive policy.
+	// the queue needs a redrive policy. SQS.
 	DeadLetterQueue string `yaml:"dead_letter_queue"`
+	// BatchSize is how many messages are admitted with one commit.
+	// amqp, nats, redis.
+	BatchSize int `yaml:"batch_size"`
+	// Queue is the queue to consume. amqp, required.
+	Queue string `yaml:"queue"`
+	// Prefetch is the basic.qos prefetch count. amqp.
+	Prefetch int `yaml:"prefetch"`
+	// DeadLetterExchange receives invalid jobs with the reason. amqp,
+	// required unless RejectWithoutDeadLetterExchange.
+	DeadLetterExchange   string `yaml:"dead_letter_exchange"`
+	DeadLetterRoutingKey string `yaml:"dead_letter_routing_key"`
+	// RejectWithoutDeadLetterExchange rejects invalid jobs to the queue's
+	// own x-dead-letter-exchange (dropped if it has none). amqp.
+	RejectWithoutDeadLetterExchange bool `yaml:"reject_without_dead_letter_exchange"`
+	// Stream is the JetStream stream (nats) or the stream's key (redis).
+	// Required.
+	Stream string `yaml:"stream"`
+	// Consumer is the durable consumer (nats) or this node's consumer
+	// name in the group (redis).
+	Consumer string `yaml:"consumer"`
+	// Group is the consumer group. redis.
+	Group string `yaml:"group"`
+	// DeadLetterSubject receives invalid jobs; a stream must capture it.
+	// nats.
+	DeadLetterSubject string `yaml:"dead_letter_subject"`
+	// AckWait of a consumer sendonce creates. nats.
+	AckWait Duration `yaml:"ack_wait"`
+	// DeadLetterStream receives invalid jobs. redis.
+	DeadLetterStream string `yaml:"dead_letter_stream"`
+	// ClaimIdle is how long an entry stays pending before another
+	// consumer claims it. redis.
+	ClaimIdle Duration `yaml:"claim_idle"`
+	// MaxDeliveries: redis dead-letters an entry delivered more often;
+	// nats creates its consumer with this MaxDeliver.
+	MaxDeliveries int `yaml:"max_deliveries"`
 }
 
 // SES configures the ses transport. Region, credentials and endpoint
@@ -249,13 +293,11 @@ func Load(path string, environ []string, overrides map[string]string, sources ..
 		}
 	}
 	for _, src := range sources {
-		kind, arg, _ := strings.Cut(src, ":")
-		switch kind {
-		case "sqs":
-			c.Sources = append(c.Sources, Source{SQS: arg})
-		default:
-			return c, warnings, fmt.Errorf("--source %q: unknown kind %q; use sqs:QUEUE_URL", src, kind)
+		s, err := ParseSourceFlag(src)
+		if err != nil {
+			return c, warnings, err
 		}
+		c.Sources = append(c.Sources, s)
 	}
 	for i := range c.Tokens {
 		if t := &c.Tokens[i]; t.SecretEnv != "" && t.Secret == "" {
@@ -410,30 +452,7 @@ func (c *Config) Validate() error {
 		bad("ses.request_timeout", "is negative; use a duration like 30s, or 0 for the default")
 	}
 	for i := range c.Sources {
-		src := &c.Sources[i]
-		at := fmt.Sprintf("sources[%d]", i)
-		if src.Tenant == "" {
-			src.Tenant = "default"
-		}
-		if !tenantRE.MatchString(src.Tenant) {
-			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'", src.Tenant)
-		}
-		u, err := url.Parse(src.SQS)
-		switch {
-		case src.SQS == "":
-			bad(at+".sqs", "is empty; give the queue URL as SQS returns it, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/emails")
-		case err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || strings.Trim(u.Path, "/") == "":
-			bad(at+".sqs", "%q is not a queue URL; give it as SQS returns it, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/emails", src.SQS)
-		}
-		if src.Concurrency < 0 {
-			bad(at+".concurrency", "is %d; use a positive number, or 0 for the default", src.Concurrency)
-		}
-		if src.WaitTime < 0 || src.WaitTime > Duration(20*time.Second) {
-			bad(at+".wait_time", "is %s; SQS long polling waits 0s to 20s", time.Duration(src.WaitTime))
-		}
-		if src.VisibilityTimeout < 0 || src.VisibilityTimeout > Duration(12*time.Hour) {
-			bad(at+".visibility_timeout", "is %s; SQS allows 0s to 12h", time.Duration(src.VisibilityTimeout))
-		}
+		c.Sources[i].validate(fmt.Sprintf("sources[%d]", i), bad)
 	}
 	if c.Retention < 0 {
 		bad("retention", "is negative; use a duration like 720h (30 days), or 0 to keep records forever")

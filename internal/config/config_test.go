@@ -85,3 +85,61 @@ func TestUnknownEnvIsAWarning(t *testing.T) {
 		t.Fatalf("%v %v", err, warnings)
 	}
 }
+
+func TestBrokerSourcesFromFlagsAndFile(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(file, []byte("sources:\n  - redis: redis://127.0.0.1:6379/0?stream=emails&dial_timeout=3s\n    group: mailers\n    claim_idle: 2m\n"), 0o600)
+	c, _, err := Load(file, nil, nil,
+		"amqp://guest:guest@127.0.0.1:5672/?queue=emails&dead_letter_exchange=emails.dlx&prefetch=100&heartbeat=5",
+		"nats://127.0.0.1:4222?stream=EMAILS&consumer=sendonce&ack_wait=1m",
+		"sqs:https://sqs.us-east-1.amazonaws.com/1/emails")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Sources) != 4 {
+		t.Fatalf("%d sources", len(c.Sources))
+	}
+	r, a, n, q := c.Sources[0], c.Sources[1], c.Sources[2], c.Sources[3]
+	if r.Kind() != "redis" || r.Stream != "emails" || r.Group != "mailers" || time.Duration(r.ClaimIdle) != 2*time.Minute || r.Redis != "redis://127.0.0.1:6379/0?dial_timeout=3s" {
+		t.Errorf("redis source %+v", r)
+	}
+	if a.Kind() != "amqp" || a.Queue != "emails" || a.DeadLetterExchange != "emails.dlx" || a.Prefetch != 100 || a.AMQP != "amqp://guest:guest@127.0.0.1:5672/?heartbeat=5" {
+		t.Errorf("amqp source %+v", a)
+	}
+	if n.Kind() != "nats" || n.Stream != "EMAILS" || n.Consumer != "sendonce" || time.Duration(n.AckWait) != time.Minute || n.NATS != "nats://127.0.0.1:4222" {
+		t.Errorf("nats source %+v", n)
+	}
+	if q.Kind() != "sqs" || q.Tenant != "default" {
+		t.Errorf("sqs source %+v", q)
+	}
+}
+
+func TestBrokerSourceErrorsNameTheSetting(t *testing.T) {
+	for _, tc := range []struct {
+		yaml  string
+		flags []string
+		want  string
+	}{
+		{"sources:\n  - tenant: acme\n", nil, "sources[0]: names no broker"},
+		{"sources:\n  - sqs: https://sqs.x/1/q\n    redis: redis://127.0.0.1:6379\n", nil, "give exactly one broker"},
+		{"", []string{"amqp://127.0.0.1:5672/?dead_letter_exchange=x"}, "sources[0].queue: is empty"},
+		{"", []string{"amqp://127.0.0.1:5672/?queue=q"}, "sources[0].dead_letter_exchange: is empty"},
+		{"", []string{"amqp://127.0.0.1:5672/?queue=q&reject_without_dead_letter_exchange=maybe"}, "sources[0].amqp?reject_without_dead_letter_exchange"},
+		{"", []string{"nats://127.0.0.1:4222?consumer=c"}, "sources[0].stream: is empty"},
+		{"", []string{"nats://127.0.0.1:4222?stream=S&group=g"}, "sources[0].nats?group: applies to redis sources only"},
+		{"", []string{"redis://127.0.0.1:6379?group=g"}, "sources[0].stream: is empty"},
+		{"", []string{"redis://127.0.0.1:6379?stream=s&dead_letter_stream=s"}, "sources[0].dead_letter_stream"},
+		{"", []string{"redis://127.0.0.1:6379?stream=s&claim_idle=soon"}, "sources[0].redis?claim_idle"},
+		{"sources:\n  - redis: redis://127.0.0.1:6379?stream=a\n    stream: b\n", nil, "give it once"},
+		{"sources:\n  - redis: redis://127.0.0.1:6379?stream=a\n    wait_time: 5s\n", nil, "sources[0].wait_time: applies to sqs sources only"},
+		{"sources:\n  - sqs: https://sqs.x/1/q\n    queue: q\n", nil, "sources[0].queue: applies to amqp sources only"},
+		{"", []string{"kafka://127.0.0.1:9092"}, "unknown kind \"kafka\""},
+	} {
+		file := filepath.Join(t.TempDir(), "c.yaml")
+		os.WriteFile(file, []byte(tc.yaml), 0o600)
+		_, _, err := Load(file, nil, nil, tc.flags...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q %v: error %v, want one saying %q", tc.yaml, tc.flags, err, tc.want)
+		}
+	}
+}

@@ -22,7 +22,6 @@ import (
 	"github.com/sendonce/sendonce/internal/httpapi"
 	"github.com/sendonce/sendonce/internal/smtpd"
 	"github.com/sendonce/sendonce/source"
-	"github.com/sendonce/sendonce/source/sqs"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/pgstore"
 	"github.com/sendonce/sendonce/store/sqlitestore"
@@ -110,19 +109,11 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		return nil, err
 	}
 	for i, src := range cfg.Sources {
-		sq, err := sqs.New(ctx, sqs.Options{
-			QueueURL:           src.SQS,
-			Tenant:             src.Tenant,
-			Concurrency:        src.Concurrency,
-			WaitTime:           time.Duration(src.WaitTime),
-			VisibilityTimeout:  time.Duration(src.VisibilityTimeout),
-			DeadLetterQueueURL: src.DeadLetterQueue,
-			Logger:             log,
-		})
+		built, err := newSource(ctx, src, log)
 		if err != nil {
 			return nil, fmt.Errorf("sources[%d]: %w", i, err)
 		}
-		s.sources = append(s.sources, sq)
+		s.sources = append(s.sources, built)
 	}
 	s.http = &http.Server{
 		Handler:           api,
