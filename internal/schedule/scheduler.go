@@ -42,6 +42,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sendonce/sendonce"
@@ -406,8 +407,35 @@ func (s *Scheduler) RunFire(ctx context.Context, name string, at time.Time, manu
 	}
 	log := s.log.With("schedule", name, "fire", key, "attempt", f.Attempts)
 	log.Info("schedule: fire started", "cursor", f.Cursor, "admitted_so_far", f.Admitted)
-	runErr := s.execute(ctx, sc, &f)
 	lease := store.FireLease{Key: key, Fence: f.Fence}
+	// A batch can take longer than the lease (a slow source, a busy
+	// database), so the lease is also renewed on its own every third of
+	// it; losing it stops the run at once.
+	fctx, cancelRun := context.WithCancel(ctx)
+	var lost atomic.Bool
+	renewed := make(chan struct{})
+	go func() {
+		defer close(renewed)
+		for {
+			select {
+			case <-fctx.Done():
+				return
+			case <-s.clock.After(s.cfg.Lease / 3):
+			}
+			err := s.cfg.Store.RenewFire(fctx, lease, s.clock.Now(), s.cfg.Lease)
+			if errors.Is(err, store.ErrLeaseLost) {
+				lost.Store(true)
+				cancelRun()
+				return
+			}
+		}
+	}()
+	runErr := s.execute(fctx, sc, &f)
+	cancelRun()
+	<-renewed
+	if lost.Load() {
+		runErr = errLeaseLost
+	}
 	// The outcome is recorded even when ctx ended (shutdown), so another
 	// node can take the fire at once instead of after the lease.
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
