@@ -316,3 +316,72 @@ func resolveInDoubt(t *testing.T, conn *pgx.Conn, base string, sink *transportte
 	}
 	return out
 }
+
+// TestScheduleCommands: preview renders without admitting, run fires an
+// instant with that instant's keys (twice is once), list shows the fire
+// and its progress, serve delivers what run admitted, and a template that
+// does not parse stops serve at start naming its file and line.
+func TestScheduleCommands(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("r.csv", "email,name\nann@example.com,<Ann>\nbob@example.com,Bob\n")
+	write("s.tmpl", "Reminder for {{.name}}\n")
+	write("t.tmpl", "Hello {{.name}}\n")
+	write("h.tmpl", "<p>Hello {{.name}}</p>\n")
+	write("c.yaml", `schedules:
+  - name: cron_monthly_email_reminder
+    cron: "0 9 1 * *"
+    time_zone: Europe/Berlin
+    recipients: {file: r.csv}
+    template: {subject: s.tmpl, text: t.tmpl, html: h.tmpl}
+    from: "Reminders <noreply@example.org>"
+`)
+	data := filepath.Join(dir, "data")
+	cli := func(args ...string) string {
+		t.Helper()
+		args = append(args, "--config", filepath.Join(dir, "c.yaml"), "--data", data)
+		out, err := exec.Command(binary, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("sendonce %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	out := cli("schedule", "preview", "cron_monthly_email_reminder", "--to", "ann@example.com")
+	if !strings.Contains(out, "Subject: Reminder for <Ann>") || !strings.Contains(out, "<p>Hello &lt;Ann&gt;</p>") {
+		t.Fatalf("preview:\n%s", out)
+	}
+	out = cli("schedule", "run", "cron_monthly_email_reminder", "--at", "2026-12-01 09:00")
+	if !strings.Contains(out, "fire cron_monthly_email_reminder@2026-12-01T08:00:00Z: 2 admitted") {
+		t.Fatalf("run:\n%s", out)
+	}
+	out = cli("schedule", "run", "cron_monthly_email_reminder", "--at", "2026-12-01T08:00:00Z")
+	if !strings.Contains(out, "already done; nothing admitted") {
+		t.Fatalf("second run of the same instant:\n%s", out)
+	}
+	out = cli("schedule", "list")
+	if !strings.Contains(out, "cron_monthly_email_reminder@2026-12-01T08:00:00Z") || !strings.Contains(out, "done") || !strings.Contains(out, "2 admitted") {
+		t.Fatalf("list:\n%s", out)
+	}
+
+	s := startServerArgs(t, data, []string{"--config", filepath.Join(dir, "c.yaml"), "--transport", "maildir"})
+	eventually(t, 30*time.Second, "both emails sent", func() (bool, string) {
+		r, err := s.get("cron_monthly_email_reminder@2026-12-01T08:00:00Z/bob@example.com")
+		return err == nil && r.State == "sent", fmt.Sprint(r, err)
+	})
+	s.stop()
+	files, _ := filepath.Glob(filepath.Join(data, "maildir", "new", "*"))
+	if len(files) != 2 {
+		t.Fatalf("maildir/new has %d files, want 2", len(files))
+	}
+
+	write("h.tmpl", "<p>\n{{.name}\n</p>\n")
+	cmd := exec.Command(binary, "serve", "--config", filepath.Join(dir, "c.yaml"), "--data", data, "--http", "127.0.0.1:0", "--smtp", "off")
+	b, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(b), "h.tmpl:2") || !strings.Contains(string(b), "schedules[0]") {
+		t.Fatalf("serve with a broken template: %v\n%s", err, b)
+	}
+}

@@ -285,7 +285,7 @@ func (s *Scheduler) Due(ctx context.Context, name string, now time.Time) ([]time
 	if len(inst) == 0 {
 		return nil, nil
 	}
-	recorded, err := s.cfg.Store.ListFires(ctx, store.FireFilter{Schedule: name, Since: inst[0], Limit: len(inst) + 1})
+	recorded, err := s.cfg.Store.ListFires(ctx, store.FireFilter{Schedule: name, Since: inst[0], Limit: len(inst) + 1000}) // room for manual fires of later instants
 	if err != nil {
 		return nil, err
 	}
