@@ -164,6 +164,7 @@ func New(cfg Config) (*Scheduler, error) {
 	if cfg.BatchSize <= 0 {
 		cfg.BatchSize = DefaultBatchSize
 	}
+	cfg.Schedules = slices.Clone(cfg.Schedules) // defaults are filled in below, not in the caller's slice
 	s := &Scheduler{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, byName: map[string]*Schedule{}, skipped: map[string]bool{}}
 	for i := range cfg.Schedules {
 		sc := &cfg.Schedules[i]
@@ -241,7 +242,9 @@ func (s *Scheduler) tickSchedule(ctx context.Context, sc *Schedule) {
 			s.RunFire(ctx, sc.Name, f.ScheduledAt, false)
 		}
 	}
-	due, err := s.Due(ctx, sc.Name, now)
+	// Resumed fires may have run for long: judge what is due by the time
+	// now, not the time the tick began.
+	due, err := s.Due(ctx, sc.Name, s.clock.Now())
 	if err != nil {
 		s.log.Warn("schedule: compute due fires", "schedule", sc.Name, "err", err)
 		return
