@@ -337,16 +337,21 @@ func (s *Scheduler) Due(ctx context.Context, name string, now time.Time) ([]time
 func (s *Scheduler) logSkipped(name string, missed []time.Time, policy CatchUp, latestRecorded time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var fresh []time.Time
 	for _, t := range missed {
 		if t.Before(latestRecorded) {
 			continue // an older instant a node simply did not need: nothing was missed
 		}
 		k := store.FireKey(name, t)
-		if s.skipped[k] {
-			continue
+		if !s.skipped[k] {
+			s.skipped[k] = true
+			fresh = append(fresh, t)
 		}
-		s.skipped[k] = true
-		s.log.Warn("schedule: missed fire skipped", "schedule", name, "fire", k, "catch_up", string(policy))
+	}
+	// One line per tick, however many instants a long outage skipped.
+	if len(fresh) > 0 {
+		s.log.Warn("schedule: missed fires skipped", "schedule", name, "catch_up", string(policy), "count", len(fresh),
+			"first", store.FireKey(name, fresh[0]), "last", store.FireKey(name, fresh[len(fresh)-1]))
 	}
 }
 
