@@ -8,6 +8,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	// Schedules name IANA time zones; embedding the zone database makes
+	// them work on hosts without one (scratch and distroless images).
+	_ "time/tzdata"
 )
 
 func main() {

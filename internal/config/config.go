@@ -10,8 +10,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/mail"
 	"net/url"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"sort"
@@ -20,6 +22,8 @@ import (
 	"time"
 
 	"github.com/goccy/go-yaml"
+
+	"github.com/sendonce/sendonce/internal/schedule"
 )
 
 // Config is the whole configuration of `sendonce serve`.
@@ -56,6 +60,69 @@ type Config struct {
 	// Tenants tunes key derivation per tenant (SMTP submission).
 	Tenants map[string]Tenant `yaml:"tenants"`
 	Log     Log               `yaml:"log"`
+	// Schedules are recurring campaigns, each fired once per scheduled
+	// instant however many nodes run (docs/scheduler.md).
+	Schedules []Schedule `yaml:"schedules"`
+	// Scheduler tunes how nodes run the schedules.
+	Scheduler Scheduler `yaml:"scheduler"`
+}
+
+// Schedule is one recurring campaign.
+type Schedule struct {
+	// Name identifies the schedule; it is part of every fire's and every
+	// email's idempotency key, so renaming a schedule starts it afresh.
+	Name string `yaml:"name"`
+	// Cron is "minute hour day-of-month month day-of-week", optionally
+	// with a leading seconds field, or @daily, @hourly, ...
+	Cron string `yaml:"cron"`
+	// TimeZone is an IANA zone (Europe/Berlin) the cron expression is read
+	// in. Default UTC.
+	TimeZone   string             `yaml:"time_zone"`
+	Recipients ScheduleRecipients `yaml:"recipients"`
+	Template   ScheduleTemplate   `yaml:"template"`
+	From       string             `yaml:"from"`
+	ReplyTo    string             `yaml:"reply_to"`
+	// CatchUp is what happens to fires missed while no node ran: skip
+	// (default), latest, or all (within MaxLag).
+	CatchUp string   `yaml:"catch_up"`
+	MaxLag  Duration `yaml:"max_lag"`
+	// Tenant owns the emails' keys. Default "default".
+	Tenant string `yaml:"tenant"`
+}
+
+// ScheduleRecipients is a schedule's recipient source; exactly one of
+// File, URL and SQL is set.
+type ScheduleRecipients struct {
+	// File is a .csv file with a header row or a .jsonl file.
+	File string `yaml:"file"`
+	// URL returns JSON Lines to a GET.
+	URL     string            `yaml:"url"`
+	Headers map[string]string `yaml:"headers"`
+	// SQL is a query run on PostgreSQL (Postgres, default the store).
+	SQL      string `yaml:"sql"`
+	Postgres string `yaml:"postgres"`
+}
+
+// ScheduleTemplate names a schedule's template files: Subject, and Text,
+// HTML or both.
+type ScheduleTemplate struct {
+	Subject string `yaml:"subject"`
+	Text    string `yaml:"text"`
+	HTML    string `yaml:"html"`
+}
+
+// Scheduler tunes how nodes run schedules. Zero values take the defaults
+// of internal/schedule.
+type Scheduler struct {
+	// Lease is how long a node holds a fire after its last batch; a node
+	// that dies leaves its fire to the others this long after.
+	Lease        Duration `yaml:"lease"`
+	PollInterval Duration `yaml:"poll_interval"`
+	BatchSize    int      `yaml:"batch_size"`
+	// OnTime is how late a fire may start and still count as on time.
+	OnTime      Duration `yaml:"on_time"`
+	BackoffBase Duration `yaml:"backoff_base"`
+	BackoffMax  Duration `yaml:"backoff_max"`
 }
 
 // Submission configures the SMTP submission server.
@@ -299,6 +366,9 @@ func Load(path string, environ []string, overrides map[string]string, sources ..
 		}
 		c.Sources = append(c.Sources, s)
 	}
+	if path != "" {
+		c.resolvePaths(filepath.Dir(path))
+	}
 	for i := range c.Tokens {
 		if t := &c.Tokens[i]; t.SecretEnv != "" && t.Secret == "" {
 			t.Secret = os.Getenv(t.SecretEnv)
@@ -310,7 +380,7 @@ func Load(path string, environ []string, overrides map[string]string, sources ..
 // EnvName maps SENDONCE_HTTP_ADDR to the setting name http.addr.
 func EnvName(env string) string {
 	s := strings.ToLower(strings.TrimPrefix(env, "SENDONCE_"))
-	for _, sec := range []string{"http", "smtp", "ses", "submission", "dispatch", "log"} {
+	for _, sec := range []string{"http", "smtp", "ses", "submission", "dispatch", "log", "scheduler"} {
 		if rest, ok := strings.CutPrefix(s, sec+"_"); ok {
 			return sec + "." + rest
 		}
@@ -515,6 +585,7 @@ func (c *Config) Validate() error {
 		}
 		secrets[t.Secret] = true
 	}
+	c.validateSchedules(bad)
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 	return errors.Join(errs...)
 }
@@ -584,4 +655,121 @@ func IsLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// resolvePaths makes the schedules' relative file names relative to the
+// configuration file's directory, so the file works from any directory.
+func (c *Config) resolvePaths(dir string) {
+	abs := func(p *string) {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+	for i := range c.Schedules {
+		s := &c.Schedules[i]
+		abs(&s.Recipients.File)
+		abs(&s.Template.Subject)
+		abs(&s.Template.Text)
+		abs(&s.Template.HTML)
+	}
+}
+
+func (c *Config) validateSchedules(bad func(setting, format string, args ...any)) {
+	names := map[string]bool{}
+	for i := range c.Schedules {
+		s := &c.Schedules[i]
+		at := fmt.Sprintf("schedules[%d]", i)
+		if !tenantRE.MatchString(s.Name) || names[s.Name] {
+			bad(at+".name", "%q is empty, used twice or not a name; use 1-64 letters, digits, '.', '_' or '-' (it is part of every email's key)", s.Name)
+		}
+		names[s.Name] = true
+		if _, err := schedule.ParseCron(s.Cron); err != nil {
+			bad(at+".cron", "%v", err)
+		}
+		if s.TimeZone == "" {
+			s.TimeZone = "UTC"
+		}
+		if _, err := time.LoadLocation(s.TimeZone); err != nil {
+			bad(at+".time_zone", "%q is not a time zone; use an IANA name such as Europe/Berlin or America/New_York", s.TimeZone)
+		}
+		r := s.Recipients
+		n := 0
+		for _, v := range []string{r.File, r.URL, r.SQL} {
+			if v != "" {
+				n++
+			}
+		}
+		switch {
+		case n != 1:
+			bad(at+".recipients", "give exactly one of file (.csv or .jsonl), url (JSON Lines over HTTP) or sql (a PostgreSQL query)")
+		case r.File != "":
+			if _, err := schedule.NewFileSource(r.File); err != nil {
+				bad(at+".recipients.file", "%v", err)
+			} else if _, err := os.Stat(r.File); err != nil {
+				bad(at+".recipients.file", "%v", err)
+			}
+		case r.URL != "":
+			if u, err := url.Parse(r.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				bad(at+".recipients.url", "%q is not an http:// or https:// URL", r.URL)
+			}
+		case r.SQL != "":
+			if r.Postgres == "" && c.Store == "" {
+				bad(at+".recipients.sql", "needs PostgreSQL: set store to a postgres:// URL, or recipients.postgres")
+			}
+			if r.Postgres != "" && !strings.HasPrefix(r.Postgres, "postgres://") && !strings.HasPrefix(r.Postgres, "postgresql://") {
+				bad(at+".recipients.postgres", "%q is not a postgres:// URL", redact(r.Postgres))
+			}
+		}
+		if s.Template.Subject == "" {
+			bad(at+".template.subject", "is empty; give the file of the subject template")
+		}
+		if s.Template.Text == "" && s.Template.HTML == "" {
+			bad(at+".template", "give a text or an html template file, or both")
+		}
+		for name, f := range map[string]string{"subject": s.Template.Subject, "text": s.Template.Text, "html": s.Template.HTML} {
+			if f == "" {
+				continue
+			}
+			if _, err := os.Stat(f); err != nil {
+				bad(at+".template."+name, "%v", err)
+			}
+		}
+		if _, err := mail.ParseAddress(s.From); err != nil {
+			bad(at+".from", "%q is not an address; use \"Name <noreply@example.com>\" or noreply@example.com", s.From)
+		}
+		if s.ReplyTo != "" {
+			if _, err := mail.ParseAddress(s.ReplyTo); err != nil {
+				bad(at+".reply_to", "%q is not an address", s.ReplyTo)
+			}
+		}
+		switch s.CatchUp {
+		case "":
+			s.CatchUp = "skip"
+		case "skip", "latest", "all":
+		default:
+			bad(at+".catch_up", "%q is not a policy; use skip, latest or all", s.CatchUp)
+		}
+		if s.MaxLag < 0 {
+			bad(at+".max_lag", "is negative; use a duration like 6h, or 0 for the default (24h)")
+		}
+		if s.Tenant == "" {
+			s.Tenant = "default"
+		}
+		if !tenantRE.MatchString(s.Tenant) {
+			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-'", s.Tenant)
+		}
+	}
+	sc := c.Scheduler
+	for name, v := range map[string]Duration{"scheduler.lease": sc.Lease, "scheduler.poll_interval": sc.PollInterval,
+		"scheduler.on_time": sc.OnTime, "scheduler.backoff_base": sc.BackoffBase, "scheduler.backoff_max": sc.BackoffMax} {
+		if v < 0 {
+			bad(name, "is negative; use a duration like 30s, or 0 for the default")
+		}
+	}
+	if sc.Lease > 0 && sc.Lease < Duration(time.Second) {
+		bad("scheduler.lease", "is %s; use at least 1s", time.Duration(sc.Lease))
+	}
+	if sc.BatchSize < 0 || sc.BatchSize > 10000 {
+		bad("scheduler.batch_size", "is %d; use 1 to 10000, or 0 for the default (500)", sc.BatchSize)
+	}
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -142,4 +143,62 @@ func TestBrokerSourceErrorsNameTheSetting(t *testing.T) {
 			t.Errorf("%q %v: error %v, want one saying %q", tc.yaml, tc.flags, err, tc.want)
 		}
 	}
+}
+func TestSchedules(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"r.jsonl", "subject.tmpl", "text.tmpl"} {
+		os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600)
+	}
+	file := filepath.Join(dir, "c.yaml")
+	good := `schedules:
+  - name: monthly
+    cron: "0 9 1 * *"
+    time_zone: Europe/Berlin
+    recipients: {file: r.jsonl}
+    template: {subject: subject.tmpl, text: text.tmpl}
+    from: "Reminders <noreply@example.org>"
+    catch_up: latest
+    max_lag: 6h
+scheduler:
+  lease: 10s
+`
+	os.WriteFile(file, []byte(good), 0o600)
+	c, _, err := Load(file, []string{"SENDONCE_SCHEDULER_BATCH_SIZE=200"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := c.Schedules[0]
+	if s.Recipients.File != filepath.Join(dir, "r.jsonl") || s.Template.Text != filepath.Join(dir, "text.tmpl") || s.Tenant != "default" ||
+		time.Duration(s.MaxLag) != 6*time.Hour || c.Scheduler.BatchSize != 200 || time.Duration(c.Scheduler.Lease) != 10*time.Second {
+		t.Fatalf("schedule not loaded as written (paths relative to the file): %+v %+v", s, c.Scheduler)
+	}
+	for _, tc := range []struct{ edit, want string }{
+		{`s/"0 9 1 \* \*"/"0 9 31 2 *"/`, "schedules[0].cron"},
+		{`s/Europe\/Berlin/Mars\/Olympus/`, "schedules[0].time_zone"},
+		{`s/{file: r.jsonl}/{file: r.jsonl, url: "http:\/\/x"}/`, "schedules[0].recipients"},
+		{`s/{file: r.jsonl}/{sql: "SELECT 1"}/`, "schedules[0].recipients.sql"},
+		{`s/r.jsonl/r.txt/`, "schedules[0].recipients.file"},
+		{`s/subject: subject.tmpl/subject: missing.tmpl/`, "schedules[0].template.subject"},
+		{`s/catch_up: latest/catch_up: sometimes/`, "schedules[0].catch_up"},
+		{`s/name: monthly/name: "two words"/`, "schedules[0].name"},
+		{`s/noreply@example.org/nobody/`, "schedules[0].from"},
+		{`s/lease: 10s/lease: -1s/`, "scheduler.lease"},
+	} {
+		y := sedLike(t, good, tc.edit)
+		os.WriteFile(file, []byte(y), 0o600)
+		_, _, err := Load(file, nil, nil)
+		if err == nil || !strings.Contains(err.Error(), tc.want+":") {
+			t.Errorf("%s: %v, want an error naming %s", tc.edit, err, tc.want)
+		}
+	}
+}
+
+// sedLike applies one s/old/new/ (old a regexp) to s.
+func sedLike(t *testing.T, s, expr string) string {
+	t.Helper()
+	parts := regexp.MustCompile(`(?:[^/\\]|\\.)+|//`).FindAllString(strings.TrimSuffix(strings.TrimPrefix(expr, "s/"), "/"), -1)
+	if len(parts) != 2 {
+		t.Fatalf("bad edit %q", expr)
+	}
+	return regexp.MustCompile(parts[0]).ReplaceAllString(s, strings.ReplaceAll(parts[1], `\/`, "/"))
 }

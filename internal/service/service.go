@@ -20,6 +20,7 @@ import (
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/config"
 	"github.com/sendonce/sendonce/internal/httpapi"
+	"github.com/sendonce/sendonce/internal/schedule"
 	"github.com/sendonce/sendonce/internal/smtpd"
 	"github.com/sendonce/sendonce/source"
 	"github.com/sendonce/sendonce/store"
@@ -43,6 +44,7 @@ type Service struct {
 	smtp      *smtpd.Server
 	smtpLn    net.Listener
 	sources   []source.Source
+	scheduler *schedule.Scheduler
 }
 
 // New opens the store, builds the transport and binds the listeners. On
@@ -115,6 +117,12 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		}
 		s.sources = append(s.sources, built)
 	}
+	if len(cfg.Schedules) > 0 {
+		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
+		if err != nil {
+			return nil, err
+		}
+	}
 	s.http = &http.Server{
 		Handler:           api,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -123,6 +131,68 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	return s, nil
+}
+
+// NewScheduler builds the scheduler of the configured schedules on st,
+// admitting through sub. It loads and checks every template, so a template
+// that does not parse stops the start with its file and line.
+func NewScheduler(cfg config.Config, st store.Store, sub schedule.Submitter, log *slog.Logger) (*schedule.Scheduler, error) {
+	fs, ok := st.(store.FireStore)
+	if !ok {
+		return nil, fmt.Errorf("schedules: the store %T cannot record fires", st)
+	}
+	var scheds []schedule.Schedule
+	for i, c := range cfg.Schedules {
+		at := fmt.Sprintf("schedules[%d]", i)
+		cron, err := schedule.ParseCron(c.Cron)
+		if err != nil {
+			return nil, fmt.Errorf("%s.cron: %w", at, err)
+		}
+		loc, err := time.LoadLocation(c.TimeZone)
+		if err != nil {
+			return nil, fmt.Errorf("%s.time_zone: %w", at, err)
+		}
+		var src schedule.Source
+		switch r := c.Recipients; {
+		case r.File != "":
+			if src, err = schedule.NewFileSource(r.File); err != nil {
+				return nil, fmt.Errorf("%s.recipients.file: %w", at, err)
+			}
+		case r.URL != "":
+			src = &schedule.HTTPSource{URL: r.URL, Headers: r.Headers}
+		default:
+			u := r.Postgres
+			if u == "" {
+				u = cfg.Store
+			}
+			src = &schedule.SQLSource{URL: u, Query: r.SQL}
+		}
+		scheds = append(scheds, schedule.Schedule{
+			Name:      c.Name,
+			Cron:      cron,
+			Location:  loc,
+			Source:    src,
+			Templates: schedule.TemplateFiles{Subject: c.Template.Subject, Text: c.Template.Text, HTML: c.Template.HTML},
+			From:      c.From,
+			ReplyTo:   c.ReplyTo,
+			Tenant:    c.Tenant,
+			CatchUp:   schedule.CatchUp(c.CatchUp),
+			MaxLag:    time.Duration(c.MaxLag),
+		})
+	}
+	sc := cfg.Scheduler
+	return schedule.New(schedule.Config{
+		Store:        fs,
+		Submitter:    sub,
+		Schedules:    scheds,
+		Logger:       log,
+		Lease:        time.Duration(sc.Lease),
+		PollInterval: time.Duration(sc.PollInterval),
+		BatchSize:    sc.BatchSize,
+		OnTime:       time.Duration(sc.OnTime),
+		BackoffBase:  time.Duration(sc.BackoffBase),
+		BackoffMax:   time.Duration(sc.BackoffMax),
+	})
 }
 
 // OpenStore opens the ledger the configuration names: SQLite in the data
@@ -258,16 +328,21 @@ func (s *Service) Run(ctx context.Context) error {
 	for _, src := range s.sources {
 		names = append(names, src.Name())
 	}
+	var scheds []string
+	for _, sc := range s.cfg.Schedules {
+		scheds = append(scheds, sc.Name)
+	}
 	s.log.Info("sendonce serving",
 		"http", "http://"+s.HTTPAddr(),
 		"smtp", smtpAddr,
 		"sources", strings.Join(names, ","),
+		"schedules", strings.Join(scheds, ","),
 		"ledger", describeStore(s.cfg),
 		"transport", describeTransport(s.cfg),
 		"auth", authMode(s.cfg))
 
 	var wg sync.WaitGroup
-	errc := make(chan error, 3+len(s.sources))
+	errc := make(chan error, 4+len(s.sources))
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	if s.smtp != nil {
@@ -286,6 +361,16 @@ func (s *Service) Run(ctx context.Context) error {
 			defer wg.Done()
 			if err := src.Run(runCtx, s.client); err != nil {
 				errc <- fmt.Errorf("%s: %w", src.Name(), err)
+				stop()
+			}
+		}()
+	}
+	if s.scheduler != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.scheduler.Run(runCtx); err != nil {
+				errc <- fmt.Errorf("scheduler: %w", err)
 				stop()
 			}
 		}()

@@ -34,14 +34,16 @@ func cols(prefix string) string {
 // caller's connection has.
 type queries struct {
 	emails, seq, migrations string
+	fires                   string
 	cols, colsE             string
 }
 
 func newQueries(schema string) queries {
-	q := queries{emails: "sendonce_emails", migrations: migrationsTable, cols: cols(""), colsE: cols("e.")}
+	q := queries{emails: "sendonce_emails", fires: "sendonce_fires", migrations: migrationsTable, cols: cols(""), colsE: cols("e.")}
 	seq := "sendonce_emails_id_seq"
 	if schema != "" {
 		q.emails = pgx.Identifier{schema, q.emails}.Sanitize()
+		q.fires = pgx.Identifier{schema, q.fires}.Sanitize()
 		q.migrations = pgx.Identifier{schema, q.migrations}.Sanitize()
 		seq = pgx.Identifier{schema, seq}.Sanitize()
 	}
@@ -49,9 +51,9 @@ func newQueries(schema string) queries {
 	return q
 }
 
-// expand replaces {emails}, {seq}, {cols} and {e.cols} in a statement.
+// expand replaces {emails}, {fires}, {seq}, {cols} and {e.cols} in a statement.
 func (q queries) expand(sql string) string {
-	return strings.NewReplacer("{emails}", q.emails, "{seq}", q.seq, "{cols}", q.cols, "{e.cols}", q.colsE).Replace(sql)
+	return strings.NewReplacer("{emails}", q.emails, "{fires}", q.fires, "{seq}", q.seq, "{cols}", q.cols, "{e.cols}", q.colsE).Replace(sql)
 }
 
 // scanRecord scans recordCols, plus data when withData is set.

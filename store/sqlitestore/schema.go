@@ -9,7 +9,7 @@ import (
 // schemaVersion is stored in PRAGMA user_version. A database with a higher
 // version was written by a newer sendonce and is refused rather than
 // misread.
-const schemaVersion = 2
+const schemaVersion = 3
 
 // The ledger is one table: the dedup ledger (UNIQUE (tenant, idem_key)), the
 // outbox (the due and lease indexes the dispatcher claims from) and the
@@ -58,6 +58,32 @@ const schemaV2 = `
 CREATE INDEX IF NOT EXISTS emails_created ON emails (created_at) WHERE state IN ('sent', 'failed');
 `
 
+// schemaV3 adds the fires of schedules (store.FireStore): one row per
+// (schedule, instant), whose primary key makes each fire exist once.
+const schemaV3 = `
+CREATE TABLE IF NOT EXISTS fires (
+	fire_key     TEXT    PRIMARY KEY,
+	schedule     TEXT    NOT NULL,
+	scheduled_at INTEGER NOT NULL,
+	state        TEXT    NOT NULL,
+	fence        INTEGER NOT NULL,
+	owner        TEXT    NOT NULL DEFAULT '',
+	lease_expiry INTEGER NOT NULL DEFAULT 0,
+	cursor       TEXT    NOT NULL DEFAULT '',
+	admitted     INTEGER NOT NULL DEFAULT 0,
+	duplicates   INTEGER NOT NULL DEFAULT 0,
+	rejected     INTEGER NOT NULL DEFAULT 0,
+	attempts     INTEGER NOT NULL DEFAULT 0,
+	last_error   TEXT    NOT NULL DEFAULT '',
+	next_attempt INTEGER NOT NULL DEFAULT 0,
+	manual       INTEGER NOT NULL DEFAULT 0,
+	created_at   INTEGER NOT NULL,
+	updated_at   INTEGER NOT NULL,
+	finished_at  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS fires_schedule ON fires (schedule, scheduled_at);
+`
+
 func migrate(ctx context.Context, db *sql.DB, path string) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -74,7 +100,7 @@ func migrate(ctx context.Context, db *sql.DB, path string) error {
 	if v == schemaVersion {
 		return nil
 	}
-	for i, ddl := range []string{schemaV1, schemaV2}[v:] {
+	for i, ddl := range []string{schemaV1, schemaV2, schemaV3}[v:] {
 		if _, err := tx.ExecContext(ctx, ddl); err != nil {
 			return fmt.Errorf("sqlitestore: open %s: migrate to schema %d: %w", path, v+i+1, err)
 		}

@@ -86,6 +86,11 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Ping", testPing},
 		{"Sweep/FinalRecordsBeforeCutoffInBatches", testSweep},
 		{"Simulation/RandomOperationsMatchModel", testSimulation},
+		{"Fire/ClaimCreatesRunningFire", testFireClaimCreates},
+		{"Fire/ConcurrentClaimsOneWins", testFireConcurrentClaims},
+		{"Fire/ExpiredLeaseTakenOverWithCursorStaleFenceRefused", testFireLeaseTakeover},
+		{"Fire/FinishRetryWaitsThenDoneIsFinal", testFireFinishAndRetry},
+		{"Fire/ListFiltersLatestFirst", testFireList},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
