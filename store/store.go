@@ -246,13 +246,30 @@ type Resolution struct {
 	Now    time.Time
 }
 
-// Filter selects records for List. Records are listed newest first.
+// Filter selects records for List. Records are listed newest first, or
+// oldest first with Oldest. Every condition set must hold.
 type Filter struct {
+	// Tenant is whose records are listed. AllTenants lists every tenant's:
+	// it is for the service's own loops (metrics, in-doubt rules), never
+	// for a caller's request.
 	Tenant string
 	State  State // empty: any
-	Limit  int   // at most MaxListLimit; 0 means DefaultListLimit
+	// KeyPrefix keeps the records whose key starts with it (case-sensitive).
+	KeyPrefix string
+	// Recipient keeps the records with exactly this address among To.
+	Recipient string
+	// CreatedFrom and CreatedBefore bound CreatedAt: From <= CreatedAt <
+	// Before. A zero time leaves that side open.
+	CreatedFrom, CreatedBefore time.Time
+	// Oldest lists oldest (lowest ID) first. A cursor continues in the
+	// direction of the listing that gave it.
+	Oldest bool
+	Limit  int // at most MaxListLimit; 0 means DefaultListLimit
 	Cursor string
 }
+
+// AllTenants as Filter.Tenant or the tenant of Counts means every tenant.
+const AllTenants = "*"
 
 // Limits of List.
 const (

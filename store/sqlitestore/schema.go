@@ -9,7 +9,7 @@ import (
 // schemaVersion is stored in PRAGMA user_version. A database with a higher
 // version was written by a newer sendonce and is refused rather than
 // misread.
-const schemaVersion = 2
+const schemaVersion = 3
 
 // The ledger is one table: the dedup ledger (UNIQUE (tenant, idem_key)), the
 // outbox (the due and lease indexes the dispatcher claims from) and the
@@ -58,6 +58,13 @@ const schemaV2 = `
 CREATE INDEX IF NOT EXISTS emails_created ON emails (created_at) WHERE state IN ('sent', 'failed');
 `
 
+// schemaV3 serves the operator's views across tenants: the metrics' oldest
+// queued and in-doubt email, and the in-doubt rules, list one state of every
+// tenant in ID order.
+const schemaV3 = `
+CREATE INDEX IF NOT EXISTS emails_state_id ON emails (state, id);
+`
+
 func migrate(ctx context.Context, db *sql.DB, path string) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -74,7 +81,7 @@ func migrate(ctx context.Context, db *sql.DB, path string) error {
 	if v == schemaVersion {
 		return nil
 	}
-	for i, ddl := range []string{schemaV1, schemaV2}[v:] {
+	for i, ddl := range []string{schemaV1, schemaV2, schemaV3}[v:] {
 		if _, err := tx.ExecContext(ctx, ddl); err != nil {
 			return fmt.Errorf("sqlitestore: open %s: migrate to schema %d: %w", path, v+i+1, err)
 		}

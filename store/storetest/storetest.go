@@ -80,6 +80,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"List/CursorVisitsEveryRecordOnce", testListPaging},
 		{"List/BadCursor", testListBadCursor},
 		{"List/LimitDefaultsAndMaximum", testListLimits},
+		{"List/SearchByKeyPrefixRecipientTimeAndAllTenants", testListSearch},
+		{"List/OldestFirstPagingAcrossTenants", testListOldestPaging},
 		{"Counts/PerStatePerTenantAndAll", testCounts},
 		{"Tenant/GetOfOtherTenantNotFound", testTenantGet},
 		{"Close/CallsAfterCloseReturnErrClosed", testClosed},
