@@ -48,6 +48,13 @@ type Config struct {
 	// before its body is read, so overload costs no memory. Default 1024.
 	MaxInFlight int
 	Logger      *slog.Logger
+	// Metrics, when set, counts submissions refused before they reached
+	// the Client (no Idempotency-Key, malformed JSON) as rejected.
+	Metrics sendonce.Metrics
+	// MetricsHandler, when set, is served on GET /metrics without
+	// authentication (scrapers rarely carry tokens; it shows counts, never
+	// emails).
+	MetricsHandler http.Handler
 }
 
 // API serves the HTTP API.
@@ -94,6 +101,10 @@ func New(cfg Config) (*API, error) {
 	a.mux.HandleFunc("GET /v1/emails/{key}", a.auth(a.get))
 	a.mux.HandleFunc("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
 	a.mux.HandleFunc("GET /healthz", a.healthz)
+	a.mux.HandleFunc("GET /readyz", a.healthz)
+	if cfg.MetricsHandler != nil {
+		a.mux.Handle("GET /metrics", cfg.MetricsHandler)
+	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", "", fmt.Sprintf("no route for %s %s; see docs/api.md", r.Method, r.URL.Path))
 	})
@@ -325,7 +336,7 @@ func idempotencyKey(r *http.Request) (string, error) {
 func (a *API) submitError(w http.ResponseWriter, err error, key string, rec store.Record) {
 	status, body := submitErrorBody(err, key, rec)
 	if status == http.StatusInternalServerError {
-		a.log.Error("submit failed", "key", key, "err", err)
+		a.log.Error("submit failed", "key", key, "message_id", rec.MessageID, "err", err)
 	}
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
@@ -352,11 +363,13 @@ func submitErrorBody(err error, key string, rec store.Record) (int, ErrorBody) {
 func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 	key, err := idempotencyKey(r)
 	if err != nil {
+		a.rejected()
 		a.submitError(w, err, "", store.Record{})
 		return
 	}
 	var e sendonce.Email
 	if !a.decode(w, r, &e) {
+		a.rejected()
 		return
 	}
 	c := callerOf(r)
@@ -372,6 +385,13 @@ func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusAccepted, recordJSON(rc.Record))
+}
+
+// rejected counts a submission refused before it reached the Client.
+func (a *API) rejected() {
+	if a.cfg.Metrics != nil {
+		a.cfg.Metrics.Admitted("http", "rejected", 0)
+	}
 }
 
 func escapeKey(k string) string {
@@ -546,6 +566,9 @@ func (a *API) resolve(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, recordJSON(rec))
 }
 
+// healthz answers /healthz and /readyz: 200 while the store answers, 503
+// while it does not, so a load balancer stops sending submissions that
+// could not be recorded.
 func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
