@@ -382,16 +382,24 @@ func (c *Client) Get(ctx context.Context, tenant, key string) (Record, error) {
 	return c.cfg.Store.Get(ctx, orDefault(tenant), key)
 }
 
-// ListOptions selects a page of records.
+// ListOptions selects a page of records; every condition set must hold.
 type ListOptions struct {
-	State  State
-	Limit  int
-	Cursor string
+	State     State
+	KeyPrefix string // keys starting with it
+	Recipient string // this address among the recipients, exactly
+	// CreatedFrom <= created < CreatedBefore; zero leaves a side open.
+	CreatedFrom, CreatedBefore time.Time
+	Limit                      int
+	Cursor                     string
 }
 
 // List returns a page of a tenant's records, newest first.
 func (c *Client) List(ctx context.Context, tenant string, o ListOptions) (store.Page, error) {
-	return c.cfg.Store.List(ctx, store.Filter{Tenant: orDefault(tenant), State: o.State, Limit: o.Limit, Cursor: o.Cursor})
+	if tenant == store.AllTenants {
+		return store.Page{}, fieldErr("tenant", "%q is not a tenant", tenant)
+	}
+	return c.cfg.Store.List(ctx, store.Filter{Tenant: orDefault(tenant), State: o.State, KeyPrefix: o.KeyPrefix, Recipient: o.Recipient,
+		CreatedFrom: o.CreatedFrom, CreatedBefore: o.CreatedBefore, Limit: o.Limit, Cursor: o.Cursor})
 }
 
 // Resolve settles an in-doubt email: resend it (with the same Message-ID),

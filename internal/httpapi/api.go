@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -64,6 +65,7 @@ type API struct {
 	tokens   []hashedToken
 	mux      *http.ServeMux
 	inFlight chan struct{} // a slot per submission being served
+	routes   []string
 }
 
 type hashedToken struct {
@@ -95,15 +97,15 @@ func New(cfg Config) (*API, error) {
 		}
 		a.tokens = append(a.tokens, hashedToken{sha256.Sum256([]byte(t.Secret)), t})
 	}
-	a.mux.HandleFunc("POST /v1/emails", a.auth(a.bounded(a.submit)))
-	a.mux.HandleFunc("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
-	a.mux.HandleFunc("GET /v1/emails", a.auth(a.list))
-	a.mux.HandleFunc("GET /v1/emails/{key}", a.auth(a.get))
-	a.mux.HandleFunc("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
-	a.mux.HandleFunc("GET /healthz", a.healthz)
-	a.mux.HandleFunc("GET /readyz", a.healthz)
+	a.handle("POST /v1/emails", a.auth(a.bounded(a.submit)))
+	a.handle("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
+	a.handle("GET /v1/emails", a.auth(a.list))
+	a.handle("GET /v1/emails/{key}", a.auth(a.get))
+	a.handle("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
+	a.handle("GET /healthz", a.healthz)
+	a.handle("GET /readyz", a.healthz)
 	if cfg.MetricsHandler != nil {
-		a.mux.Handle("GET /metrics", cfg.MetricsHandler)
+		a.handle("GET /metrics", cfg.MetricsHandler.ServeHTTP)
 	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", "", fmt.Sprintf("no route for %s %s; see docs/api.md", r.Method, r.URL.Path))
@@ -112,6 +114,17 @@ func New(cfg Config) (*API, error) {
 }
 
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.mux.ServeHTTP(w, r) }
+
+// handle registers a route and remembers its pattern, so the OpenAPI
+// description can be checked against what is really served.
+func (a *API) handle(pattern string, h http.HandlerFunc) {
+	a.routes = append(a.routes, pattern)
+	a.mux.HandleFunc(pattern, h)
+}
+
+// Routes returns the patterns served ("METHOD /path/{param}"), in the
+// order they were registered.
+func (a *API) Routes() []string { return slices.Clone(a.routes) }
 
 type caller struct{ tenant, name string }
 
@@ -504,15 +517,27 @@ func (a *API) lookupError(w http.ResponseWriter, err error, key string) {
 func (a *API) list(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for name := range q {
-		if name != "state" && name != "limit" && name != "cursor" {
-			writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("unknown query parameter %q; use state, limit and cursor", name))
+		switch name {
+		case "state", "limit", "cursor", "key_prefix", "recipient", "created_after", "created_before":
+		default:
+			writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("unknown query parameter %q; use state, key_prefix, recipient, created_after, created_before, limit and cursor", name))
 			return
 		}
 	}
-	opts := sendonce.ListOptions{State: store.State(q.Get("state")), Cursor: q.Get("cursor")}
+	opts := sendonce.ListOptions{State: store.State(q.Get("state")), Cursor: q.Get("cursor"), KeyPrefix: q.Get("key_prefix"), Recipient: q.Get("recipient")}
 	if opts.State != "" && !opts.State.Valid() {
 		writeError(w, http.StatusBadRequest, "invalid_field", "state", fmt.Sprintf("%q is not a state; use queued, sending, sent, failed or in_doubt", opts.State))
 		return
+	}
+	for name, at := range map[string]*time.Time{"created_after": &opts.CreatedFrom, "created_before": &opts.CreatedBefore} {
+		if v := q.Get(name); v != "" {
+			t, err := time.Parse(time.RFC3339Nano, v)
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("%q is not an RFC 3339 time; write it like 2026-12-04T20:10:24Z", v))
+				return
+			}
+			*at = t
+		}
 	}
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
