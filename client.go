@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/mail"
+	"slices"
 	"strings"
 	"time"
 
@@ -58,6 +59,10 @@ const (
 	InDoubtHold   = dispatch.PolicyHold
 	InDoubtResend = dispatch.PolicyResend
 )
+
+// InDoubtRule settles in-doubt emails automatically after a while (see
+// dispatch.Rule): for example resend after 1h, fail after 24h.
+type InDoubtRule = dispatch.Rule
 
 // DefaultMaxMessageBytes is the default limit on a rendered message.
 const DefaultMaxMessageBytes = 10 << 20
@@ -117,6 +122,11 @@ type DispatchConfig struct {
 	// PurgeBody drops the stored message once an email is sent or failed
 	// (privacy); the record stays for deduplication.
 	PurgeBody bool
+	// InDoubtRules, when set, make Run settle in-doubt emails that have
+	// waited long enough, recorded as resolved by "rule:...".
+	InDoubtRules []InDoubtRule
+	// RulesEvery is how often the rules are applied. Default 1 minute.
+	RulesEvery time.Duration
 	// Retention, when positive, makes Run remove sent and failed records
 	// older than it. It is also the window in which a repeated key is
 	// recognised, so keep it longer than any queue's redelivery horizon
@@ -491,6 +501,18 @@ func (c *Client) Run(ctx context.Context) error {
 	d, err := dispatch.New(cfg)
 	if err != nil {
 		return fmt.Errorf("sendonce: %w", err)
+	}
+	if err := dispatch.ValidateRules(dc.InDoubtRules); err != nil {
+		return fmt.Errorf("sendonce: %w", err)
+	}
+	if len(dc.InDoubtRules) > 0 {
+		rulesDone := make(chan struct{})
+		defer func() { <-rulesDone }()
+		go func() {
+			defer close(rulesDone)
+			dispatch.RunRules(ctx, dispatch.RulesConfig{Store: c.cfg.Store, Rules: slices.Clone(dc.InDoubtRules), Every: dc.RulesEvery,
+				Resolve: c.Resolve, Now: c.cfg.Now, Logger: c.log})
+		}()
 	}
 	if dc.Retention > 0 {
 		sweepDone := make(chan struct{})

@@ -96,6 +96,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 			ShutdownTimeout: time.Duration(cfg.Dispatch.ShutdownTimeout),
 			PurgeBody:       cfg.PurgeBodyOnSend,
 			Retention:       time.Duration(cfg.Retention),
+			InDoubtRules:    inDoubtRules(cfg.Dispatch.InDoubtRules),
+			RulesEvery:      time.Duration(cfg.Dispatch.RulesInterval),
 		},
 	})
 	if err != nil {
@@ -140,6 +142,14 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	return s, nil
+}
+
+func inDoubtRules(rules []config.InDoubtRule) []sendonce.InDoubtRule {
+	out := make([]sendonce.InDoubtRule, len(rules))
+	for i, r := range rules {
+		out[i] = sendonce.InDoubtRule{After: time.Duration(r.After), Action: sendonce.Action(r.Action), Tenant: r.Tenant, MaxAttempts: r.MaxAttempts}
+	}
+	return out
 }
 
 // OpenStore opens the ledger the configuration names: SQLite in the data
