@@ -301,6 +301,11 @@ type Store interface {
 	// List returns a page of records of one tenant, newest first.
 	List(ctx context.Context, f Filter) (Page, error)
 
+	// Message returns the stored message (the Data every attempt sends) of
+	// (tenant, key), for an operator to read; empty once purged after the
+	// email was sent or failed. ErrNotFound if there is no such record.
+	Message(ctx context.Context, tenant, key string) ([]byte, error)
+
 	// Claim takes up to Limit due records: queued records whose NextAttempt
 	// is at or before Now, and sending records whose lease expired without
 	// the commit marker (their worker died before the irreversible step). It

@@ -21,6 +21,19 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 	return r, nil
 }
 
+// Message returns the stored message of (tenant, key).
+func (s *Store) Message(ctx context.Context, tenant, key string) ([]byte, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var data []byte
+	err := s.pool.QueryRow(ctx, s.q.expand("SELECT data FROM {emails} WHERE tenant = $1 AND idem_key = $2"), tenant, key).Scan(&data)
+	if err != nil {
+		return nil, s.interpretError(fmt.Sprintf("message %q", key), err)
+	}
+	return data, nil
+}
+
 // List returns a page of records, newest (highest ID) first unless
 // f.Oldest.
 func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {

@@ -26,6 +26,22 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 	return r, nil
 }
 
+// Message returns the stored message of (tenant, key).
+func (s *Store) Message(ctx context.Context, tenant, key string) ([]byte, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var data []byte
+	err := s.rdb.QueryRowContext(ctx, "SELECT data FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key).Scan(&data)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("sqlitestore: message %q: %w", key, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("message %q", key), err)
+	}
+	return data, nil
+}
+
 // List returns a page of records, newest (highest ID) first unless
 // f.Oldest.
 func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {

@@ -227,6 +227,8 @@ func testClosed(t *testing.T, s store.Store) {
 	wantErr(t, "Resolve after Close", err, store.ErrClosed)
 	_, err = s.Counts(c, tenantA)
 	wantErr(t, "Counts after Close", err, store.ErrClosed)
+	_, err = s.Message(c, tenantA, "k")
+	wantErr(t, "Message after Close", err, store.ErrClosed)
 	wantErr(t, "Ping after Close", s.Ping(c), store.ErrClosed)
 }
 
@@ -285,5 +287,25 @@ func testListOldestPaging(t *testing.T, s store.Store) {
 		if got[i] <= got[i-1] {
 			t.Fatalf("oldest-first paging not ascending: %v", got)
 		}
+	}
+}
+
+func testMessage(t *testing.T, s store.Store) {
+	a := admission(tenantA, "m", "fp-1", Epoch)
+	a.NotBefore = Epoch.Add(time.Hour) // not due: the claim below must take only "p"
+	admit(t, s, a)
+	got, err := s.Message(ctx(t), tenantA, "m")
+	if err != nil || string(got) != string(a.Data) {
+		t.Fatalf("Message: %q, %v; want the admitted data %q", got, err, a.Data)
+	}
+	_, err = s.Message(ctx(t), tenantB, "m")
+	wantErr(t, "Message of another tenant", err, store.ErrNotFound)
+	_, err = s.Message(ctx(t), tenantA, "nothing")
+	wantErr(t, "Message of an unknown key", err, store.ErrNotFound)
+	// Purged on send: the record stays, the message is gone.
+	c := claimOne(t, s, Epoch, admitNew(t, s, "p", Epoch).ID)
+	complete(t, s, store.Completion{Lease: leaseOf(c), Result: store.ResultSent, Now: Epoch, PurgeData: true})
+	if got, err := s.Message(ctx(t), tenantA, "p"); err != nil || len(got) != 0 {
+		t.Fatalf("Message after a purge: %q, %v; want empty", got, err)
 	}
 }

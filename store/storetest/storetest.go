@@ -83,6 +83,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"List/SearchByKeyPrefixRecipientTimeAndAllTenants", testListSearch},
 		{"List/OldestFirstPagingAcrossTenants", testListOldestPaging},
 		{"Counts/PerStatePerTenantAndAll", testCounts},
+		{"Message/StoredDataPerTenantAndPurged", testMessage},
 		{"Tenant/GetOfOtherTenantNotFound", testTenantGet},
 		{"Close/CallsAfterCloseReturnErrClosed", testClosed},
 		{"Ping", testPing},
