@@ -392,6 +392,12 @@ func (c *Client) Get(ctx context.Context, tenant, key string) (Record, error) {
 	return c.cfg.Store.Get(ctx, orDefault(tenant), key)
 }
 
+// Message returns the stored message of key in tenant (empty once purged
+// after sending), or ErrNotFound.
+func (c *Client) Message(ctx context.Context, tenant, key string) ([]byte, error) {
+	return c.cfg.Store.Message(ctx, orDefault(tenant), key)
+}
+
 // ListOptions selects a page of records; every condition set must hold.
 type ListOptions struct {
 	State     State

@@ -56,6 +56,9 @@ type Config struct {
 	// authentication (scrapers rarely carry tokens; it shows counts, never
 	// emails).
 	MetricsHandler http.Handler
+	// Activity, when set, is the per-minute history GET /v1/stats returns
+	// for the dashboard's chart.
+	Activity Activity
 }
 
 // API serves the HTTP API.
@@ -101,7 +104,9 @@ func New(cfg Config) (*API, error) {
 	a.handle("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
 	a.handle("GET /v1/emails", a.auth(a.list))
 	a.handle("GET /v1/emails/{key}", a.auth(a.get))
+	a.handle("GET /v1/emails/{key}/message", a.auth(a.message))
 	a.handle("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
+	a.handle("GET /v1/stats", a.auth(a.stats))
 	a.handle("GET /healthz", a.healthz)
 	a.handle("GET /readyz", a.healthz)
 	if cfg.MetricsHandler != nil {

@@ -148,6 +148,15 @@ func oaCases() []oaCase {
 		{route: "GET /v1/emails/{key}", status: 404, path: "/v1/emails/nothing"},
 		{route: "GET /v1/emails/{key}", status: 503, path: "/v1/emails/doubt", setup: closeStore},
 
+		{route: "GET /v1/emails/{key}/message", status: 200, path: "/v1/emails/doubt/message"},
+		{route: "GET /v1/emails/{key}/message", status: 401, path: "/v1/emails/doubt/message", noAuth: true},
+		{route: "GET /v1/emails/{key}/message", status: 404, path: "/v1/emails/nothing/message"},
+		{route: "GET /v1/emails/{key}/message", status: 503, path: "/v1/emails/doubt/message", setup: closeStore},
+
+		{route: "GET /v1/stats", status: 200, path: "/v1/stats"},
+		{route: "GET /v1/stats", status: 401, path: "/v1/stats", noAuth: true},
+		{route: "GET /v1/stats", status: 503, path: "/v1/stats", setup: closeStore},
+
 		{route: "POST /v1/emails/{key}/resolve", status: 200, path: "/v1/emails/doubt/resolve", body: `{"action":"mark_sent"}`},
 		{route: "POST /v1/emails/{key}/resolve", status: 400, path: "/v1/emails/doubt/resolve", body: `{"action":"maybe"}`},
 		{route: "POST /v1/emails/{key}/resolve", status: 401, path: "/v1/emails/doubt/resolve", body: `{"action":"fail"}`, noAuth: true},

@@ -48,6 +48,7 @@ type Metrics struct {
 	commitSync      prometheus.Histogram
 	sourceLag       *prometheus.GaugeVec
 	resolutions     *prometheus.CounterVec
+	activity        *Activity
 }
 
 // New returns Metrics with every collector registered on a new registry.
@@ -59,7 +60,8 @@ func New(cfg Config) *Metrics {
 		cfg.ScrapeTimeout = 5 * time.Second
 	}
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
+		reg:      prometheus.NewRegistry(),
+		activity: newActivity(cfg.Now),
 		admissions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sendonce_admissions_total",
 			Help: "Submissions by front door (source) and outcome: new, duplicate (suppressed), conflict (same key, other email), rejected (invalid, never reached the ledger), error (the ledger failed; nothing accepted).",
@@ -120,10 +122,19 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
+// Activity is the per-minute history of the last hour, for the dashboard.
+func (m *Metrics) Activity() *Activity { return m.activity }
+
 // Admitted counts one submission. The latency is observed only for
 // submissions that reached the ledger (rejected ones cost nothing there).
 func (m *Metrics) Admitted(source, outcome string, elapsed time.Duration) {
 	m.admissions.WithLabelValues(source, outcome).Inc()
+	switch outcome {
+	case "new":
+		m.activity.add(func(x *Minute) { x.Accepted++ })
+	case "duplicate":
+		m.activity.add(func(x *Minute) { x.Duplicates++ })
+	}
 	if outcome != "rejected" {
 		m.admitLatency.WithLabelValues(source).Observe(elapsed.Seconds())
 	}
@@ -132,6 +143,14 @@ func (m *Metrics) Admitted(source, outcome string, elapsed time.Duration) {
 // Attempted counts one finished delivery attempt.
 func (m *Metrics) Attempted(transport, outcome string, elapsed time.Duration) {
 	m.deliveries.WithLabelValues(transport, outcome).Inc()
+	switch outcome {
+	case "sent":
+		m.activity.add(func(x *Minute) { x.Sent++ })
+	case "failed":
+		m.activity.add(func(x *Minute) { x.Failed++ })
+	case "in_doubt":
+		m.activity.add(func(x *Minute) { x.InDoubt++ })
+	}
 	if outcome != "release" {
 		m.attempts.WithLabelValues(transport).Inc()
 	}

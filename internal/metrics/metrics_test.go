@@ -303,3 +303,34 @@ func TestReadyzAndStoreDown(t *testing.T) {
 		t.Errorf("sendonce_queue_depth exported while the store is down")
 	}
 }
+
+// The activity history files each event under its minute by the injected
+// clock and forgets minutes older than an hour.
+func TestActivityPerMinute(t *testing.T) {
+	clk := &clock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
+	m := metrics.New(metrics.Config{Now: clk.Now, NoRuntime: true})
+	m.Admitted("http", "new", time.Millisecond)
+	m.Admitted("http", "duplicate", time.Millisecond)
+	clk.Add(time.Minute)
+	m.Admitted("smtp", "new", time.Millisecond)
+	m.Attempted("maildir", "sent", time.Millisecond)
+	m.Attempted("maildir", "in_doubt", time.Millisecond)
+	m.Attempted("maildir", "failed", time.Millisecond)
+	h := m.Activity().LastHour()
+	if len(h) != 61 {
+		t.Fatalf("%d minutes, want 61", len(h))
+	}
+	prev, cur := h[59], h[60]
+	if prev.Accepted != 1 || prev.Duplicates != 1 || !prev.Start.Equal(time.Date(2030, 1, 2, 3, 4, 0, 0, time.UTC)) {
+		t.Errorf("previous minute: %+v", prev)
+	}
+	if cur.Accepted != 1 || cur.Sent != 1 || cur.InDoubt != 1 || cur.Failed != 1 {
+		t.Errorf("current minute: %+v", cur)
+	}
+	clk.Add(61 * time.Minute)
+	for _, x := range m.Activity().LastHour() {
+		if x.Accepted+x.Duplicates+x.Sent != 0 {
+			t.Fatalf("an hour later the history still holds %+v", x)
+		}
+	}
+}
