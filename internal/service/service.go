@@ -22,6 +22,7 @@ import (
 	"github.com/sendonce/sendonce/internal/httpapi"
 	"github.com/sendonce/sendonce/internal/metrics"
 	"github.com/sendonce/sendonce/internal/smtpd"
+	"github.com/sendonce/sendonce/internal/web"
 	"github.com/sendonce/sendonce/source"
 	"github.com/sendonce/sendonce/source/sqs"
 	"github.com/sendonce/sendonce/store"
@@ -108,7 +109,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
 	}
 	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log,
-		Metrics: s.metrics, MetricsHandler: s.metrics.Handler()})
+		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity()})
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +136,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		s.sources = append(s.sources, sq)
 	}
 	s.http = &http.Server{
-		Handler:           api,
+		Handler:           web.Handler(web.Config{API: api, AuthRequired: len(cfg.Tokens) > 0}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       2 * time.Minute,
 		IdleTimeout:       2 * time.Minute,
