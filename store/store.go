@@ -283,6 +283,44 @@ type Page struct {
 	Next    string // cursor of the next page; empty at the end
 }
 
+// Event is one entry of a record's timeline.
+type Event struct {
+	ID int64
+	// At is the record's time of the change (its UpdatedAt, CreatedAt for
+	// EventAccepted) from the caller's clock; for EventDuplicate, which
+	// changes no time of the record, the database's clock.
+	At   time.Time
+	Kind EventKind
+	// State, Attempt and Fence are the record's after the change.
+	State   State
+	Attempt int
+	Fence   int64
+	// Detail: the front door (accepted), the upstream's reply (sent), the
+	// error (failed, retry, in_doubt), who decided (resolved), the lease
+	// owner (attempt), the duplicate count after it (duplicate; repeats of
+	// one key within one Admit batch may be recorded as one event).
+	Detail string
+}
+
+// EventKind says what happened.
+type EventKind string
+
+// The kinds of events.
+const (
+	EventAccepted   EventKind = "accepted"   // Admit created the record
+	EventDuplicate  EventKind = "duplicate"  // Admit suppressed a repeat of the key
+	EventAttempt    EventKind = "attempt"    // Claim started an attempt (new fence)
+	EventCommitting EventKind = "committing" // the commit marker: the irreversible step follows
+	EventSent       EventKind = "sent"
+	EventFailed     EventKind = "failed"
+	EventRetry      EventKind = "retry" // back to the queue: a retry or a release
+	EventInDoubt    EventKind = "in_doubt"
+	EventResolved   EventKind = "resolved" // Resolve settled an in-doubt record
+)
+
+// MaxEvents is the most events Events returns.
+const MaxEvents = 1000
+
 // Counts is the number of records per state.
 type Counts map[State]int64
 
@@ -300,6 +338,12 @@ type Store interface {
 
 	// List returns a page of records of one tenant, newest first.
 	List(ctx context.Context, f Filter) (Page, error)
+
+	// Events returns the timeline of (tenant, key), oldest first: at most
+	// MaxEvents, the latest. The store records an event, in the same
+	// transaction, for every change that matters to an operator (see
+	// Event). ErrNotFound if there is no such record.
+	Events(ctx context.Context, tenant, key string) ([]Event, error)
 
 	// Message returns the stored message (the Data every attempt sends) of
 	// (tenant, key), for an operator to read; empty once purged after the

@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/jackc/pgx/v5"
 
@@ -19,6 +20,40 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 		return store.Record{}, s.interpretError(fmt.Sprintf("get %q", key), err)
 	}
 	return r, nil
+}
+
+// Events returns the timeline of (tenant, key), oldest first.
+func (s *Store) Events(ctx context.Context, tenant, key string) ([]store.Event, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var id int64
+	if err := s.pool.QueryRow(ctx, s.q.expand("SELECT id FROM {emails} WHERE tenant = $1 AND idem_key = $2"), tenant, key).Scan(&id); err != nil {
+		return nil, s.interpretError(fmt.Sprintf("events %q", key), err)
+	}
+	rows, err := s.pool.Query(ctx, s.q.expand(`SELECT id, at, kind, state, attempt, fence, detail FROM {events}
+		WHERE email_id = $1 ORDER BY id DESC LIMIT $2`), id, store.MaxEvents)
+	if err != nil {
+		return nil, s.interpretError(fmt.Sprintf("events %q", key), err)
+	}
+	evs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (store.Event, error) {
+		var (
+			e           store.Event
+			at          int64
+			kind, state string
+		)
+		err := row.Scan(&e.ID, &at, &kind, &state, &e.Attempt, &e.Fence, &e.Detail)
+		e.At, e.Kind, e.State = fromNanos(at), store.EventKind(kind), store.State(state)
+		return e, err
+	})
+	if err != nil {
+		return nil, s.interpretError(fmt.Sprintf("events %q", key), err)
+	}
+	if evs == nil {
+		evs = []store.Event{}
+	}
+	slices.Reverse(evs)
+	return evs, nil
 }
 
 // Message returns the stored message of (tenant, key).

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/sendonce/sendonce/store"
 )
@@ -24,6 +25,45 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 		return store.Record{}, s.readErr(fmt.Sprintf("get %q", key), err)
 	}
 	return r, nil
+}
+
+// Events returns the timeline of (tenant, key), oldest first.
+func (s *Store) Events(ctx context.Context, tenant, key string) ([]store.Event, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var id int64
+	err := s.rdb.QueryRowContext(ctx, "SELECT id FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("sqlitestore: events %q: %w", key, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT id, at, kind, state, attempt, fence, detail FROM email_events
+		WHERE email_id = ? ORDER BY id DESC LIMIT ?`, id, store.MaxEvents)
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	defer rows.Close()
+	evs := []store.Event{}
+	for rows.Next() {
+		var (
+			e           store.Event
+			at          int64
+			kind, state string
+		)
+		if err := rows.Scan(&e.ID, &at, &kind, &state, &e.Attempt, &e.Fence, &e.Detail); err != nil {
+			return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+		}
+		e.At, e.Kind, e.State = fromNanos(at), store.EventKind(kind), store.State(state)
+		evs = append(evs, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	slices.Reverse(evs)
+	return evs, nil
 }
 
 // Message returns the stored message of (tenant, key).

@@ -229,6 +229,8 @@ func testClosed(t *testing.T, s store.Store) {
 	wantErr(t, "Counts after Close", err, store.ErrClosed)
 	_, err = s.Message(c, tenantA, "k")
 	wantErr(t, "Message after Close", err, store.ErrClosed)
+	_, err = s.Events(c, tenantA, "k")
+	wantErr(t, "Events after Close", err, store.ErrClosed)
 	wantErr(t, "Ping after Close", s.Ping(c), store.ErrClosed)
 }
 
