@@ -34,7 +34,7 @@ func cols(prefix string) string {
 // caller's connection has.
 type queries struct {
 	emails, events, seq, migrations string
-	cols, colsE             string
+	cols, colsE                     string
 }
 
 func newQueries(schema string) queries {
