@@ -392,6 +392,16 @@ func (c *Client) Get(ctx context.Context, tenant, key string) (Record, error) {
 	return c.cfg.Store.Get(ctx, orDefault(tenant), key)
 }
 
+// Event is one entry of an email's timeline.
+type Event = store.Event
+
+// Events returns the timeline of key in tenant (every submission,
+// duplicate, attempt, outcome and resolution), oldest first, or
+// ErrNotFound.
+func (c *Client) Events(ctx context.Context, tenant, key string) ([]Event, error) {
+	return c.cfg.Store.Events(ctx, orDefault(tenant), key)
+}
+
 // Message returns the stored message of key in tenant (empty once purged
 // after sending), or ErrNotFound.
 func (c *Client) Message(ctx context.Context, tenant, key string) ([]byte, error) {

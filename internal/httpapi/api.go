@@ -105,6 +105,7 @@ func New(cfg Config) (*API, error) {
 	a.handle("GET /v1/emails", a.auth(a.list))
 	a.handle("GET /v1/emails/{key}", a.auth(a.get))
 	a.handle("GET /v1/emails/{key}/message", a.auth(a.message))
+	a.handle("GET /v1/emails/{key}/events", a.auth(a.events))
 	a.handle("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
 	a.handle("GET /v1/stats", a.auth(a.stats))
 	a.handle("GET /healthz", a.healthz)

@@ -153,6 +153,11 @@ func oaCases() []oaCase {
 		{route: "GET /v1/emails/{key}/message", status: 404, path: "/v1/emails/nothing/message"},
 		{route: "GET /v1/emails/{key}/message", status: 503, path: "/v1/emails/doubt/message", setup: closeStore},
 
+		{route: "GET /v1/emails/{key}/events", status: 200, path: "/v1/emails/doubt/events"},
+		{route: "GET /v1/emails/{key}/events", status: 401, path: "/v1/emails/doubt/events", noAuth: true},
+		{route: "GET /v1/emails/{key}/events", status: 404, path: "/v1/emails/nothing/events"},
+		{route: "GET /v1/emails/{key}/events", status: 503, path: "/v1/emails/doubt/events", setup: closeStore},
+
 		{route: "GET /v1/stats", status: 200, path: "/v1/stats"},
 		{route: "GET /v1/stats", status: 401, path: "/v1/stats", noAuth: true},
 		{route: "GET /v1/stats", status: 503, path: "/v1/stats", setup: closeStore},

@@ -81,6 +81,31 @@ func viewMessage(data []byte) MessageView {
 	return v
 }
 
+// EventJSON is one entry of an email's timeline.
+type EventJSON struct {
+	At      time.Time `json:"at"`
+	Kind    string    `json:"kind"`
+	State   string    `json:"state"`
+	Attempt int       `json:"attempt"`
+	Detail  string    `json:"detail,omitempty"`
+}
+
+func (a *API) events(w http.ResponseWriter, r *http.Request) {
+	key := r.PathValue("key")
+	evs, err := a.cfg.Client.Events(r.Context(), callerOf(r).tenant, key)
+	if err != nil {
+		a.lookupError(w, err, key)
+		return
+	}
+	out := struct {
+		Events []EventJSON `json:"events"`
+	}{make([]EventJSON, len(evs))}
+	for i, e := range evs {
+		out.Events[i] = EventJSON{At: e.At.UTC(), Kind: string(e.Kind), State: string(e.State), Attempt: e.Attempt, Detail: e.Detail}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
 // Activity is the per-minute history the dashboard charts.
 type Activity interface {
 	LastHour() []metrics.Minute

@@ -256,19 +256,25 @@ async function emails() {
 
 // ---------- one email ----------
 
-function timeline(r) {
-  const items = [[r.created_at, "", `Accepted via ${r.source}; Message-ID ${r.message_id}`]];
-  if (r.duplicates > 0) items.push([null, "dup", `${r.duplicates} later submission${r.duplicates === 1 ? "" : "s"} of the same key suppressed`]);
-  if (r.attempts > 0) items.push([null, "", `${r.attempts} delivery attempt${r.attempts === 1 ? "" : "s"}`]);
-  if (r.last_error) items.push([null, r.state === "failed" ? "failed" : "in_doubt", "Last error: " + r.last_error]);
-  if (r.reply) items.push([null, r.state === "sent" ? "sent" : "", "Upstream replied: " + r.reply]);
-  if (r.state === "queued" && r.next_attempt_at) items.push([r.next_attempt_at, "", "Next attempt"]);
-  if (r.state === "in_doubt") items.push([r.updated_at, "in_doubt", "In doubt: the upstream may or may not have it; waiting for a decision"]);
-  if (r.sent_at) items.push([r.sent_at, "sent", "Sent"]);
-  if (r.state === "failed") items.push([r.updated_at, "failed", "Failed"]);
-  if (r.resolved_by) items.push([r.updated_at, "", "Resolved: " + r.resolved_by]);
+// timeline renders the email's events (GET /v1/emails/{key}/events).
+function timeline(events) {
+  const text = (e) => {
+    switch (e.kind) {
+      case "accepted": return `Accepted via ${e.detail}`;
+      case "duplicate": return `Duplicate submission suppressed (${e.detail} so far)`;
+      case "attempt": return `Attempt ${e.attempt} started` + (e.detail ? ` by ${e.detail}` : "");
+      case "committing": return "Handing the message over (commit marker written)";
+      case "sent": return "Sent" + (e.detail ? `: upstream replied ${e.detail}` : "");
+      case "failed": return "Failed" + (e.detail ? `: ${e.detail}` : "");
+      case "retry": return "Back to the queue" + (e.detail ? `: ${e.detail}` : "");
+      case "in_doubt": return "In doubt" + (e.detail ? `: ${e.detail}` : "") + "; the upstream may or may not have it";
+      case "resolved": return `Resolved (${e.state}): ${e.detail}`;
+    }
+    return e.kind;
+  };
+  const cls = { duplicate: "dup", sent: "sent", failed: "failed", in_doubt: "in_doubt" };
   return h("ol", { class: "timeline", id: "timeline" },
-    items.map(([t, cls, text]) => h("li", { class: cls }, t ? h("time", {}, fmtTime(t)) : null, text)));
+    events.map((e) => h("li", { class: cls[e.kind] || "", "data-kind": e.kind }, h("time", {}, fmtTime(e.at)), text(e))));
 }
 
 function resolveButtons(r, after) {
@@ -292,7 +298,7 @@ function resolveButtons(r, after) {
 
 async function email(key) {
   const path = "/v1/emails/" + encodeURIComponent(key);
-  const [r, m] = await Promise.all([api(path), api(path + "/message")]);
+  const [r, m, ev] = await Promise.all([api(path), api(path + "/message"), api(path + "/events")]);
   const fields = [["Key", r.key], ["State", stateBadge(r.state)], ["Message-ID", r.message_id], ["From", r.from],
     ["To", r.to.join(", ")], ["Subject", r.subject], ["Source", r.source], ["Attempts", r.attempts],
     ["Duplicates suppressed", r.duplicates], ["Accepted", fmtTime(r.created_at)], ["Updated", fmtTime(r.updated_at)]];
@@ -307,7 +313,7 @@ async function email(key) {
     resolveButtons(r, () => route()),
     h("div", { class: "two" },
       h("div", {}, h("h2", {}, "Record"), h("dl", { class: "fields" }, fields.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))),
-      h("div", {}, h("h2", {}, "Timeline"), timeline(r))),
+      h("div", {}, h("h2", {}, "Timeline"), timeline(ev.events))),
     h("h2", {}, "Body"), body, m.text && m.html ? h("details", {}, h("summary", {}, "Text part"), h("pre", { class: "body" }, m.text)) : null,
     headers);
 }
