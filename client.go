@@ -15,6 +15,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/mail"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -58,6 +60,10 @@ const (
 	InDoubtResend = dispatch.PolicyResend
 )
 
+// InDoubtRule settles in-doubt emails automatically after a while (see
+// dispatch.Rule): for example resend after 1h, fail after 24h.
+type InDoubtRule = dispatch.Rule
+
 // DefaultMaxMessageBytes is the default limit on a rendered message.
 const DefaultMaxMessageBytes = 10 << 20
 
@@ -79,6 +85,25 @@ type Config struct {
 
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+
+	// Metrics, when set, is told about every submission, attempt and
+	// resolution (internal/metrics implements it with Prometheus).
+	Metrics Metrics
+}
+
+// Metrics is told what a Client does, for monitoring. Every method must
+// return at once; the Client calls them on its hot paths.
+type Metrics interface {
+	// Admitted: one submission from source (the front door) ended with
+	// outcome new, duplicate, conflict, rejected (invalid, never reached
+	// the ledger) or error (the ledger failed) after elapsed.
+	Admitted(source, outcome string, elapsed time.Duration)
+	// Attempted: one delivery attempt through transport ended with outcome
+	// sent, failed, retry, in_doubt, release or abandoned after elapsed.
+	Attempted(transport, outcome string, elapsed time.Duration)
+	// Resolved: an in-doubt email was resolved with action by an operator,
+	// a rule or the policy ("operator", "rule", "policy").
+	Resolved(action, by string)
 }
 
 // DispatchConfig tunes delivery. See internal/dispatch for each default.
@@ -97,6 +122,11 @@ type DispatchConfig struct {
 	// PurgeBody drops the stored message once an email is sent or failed
 	// (privacy); the record stays for deduplication.
 	PurgeBody bool
+	// InDoubtRules, when set, make Run settle in-doubt emails that have
+	// waited long enough, recorded as resolved by "rule:...".
+	InDoubtRules []InDoubtRule
+	// RulesEvery is how often the rules are applied. Default 1 minute.
+	RulesEvery time.Duration
 	// Retention, when positive, makes Run remove sent and failed records
 	// older than it. It is also the window in which a repeated key is
 	// recognised, so keep it longer than any queue's redelivery horizon
@@ -179,6 +209,7 @@ func (c *Client) Submit(ctx context.Context, s Submission) (Receipt, error) {
 // Err is always permanent: invalid input, a message too large, or a key
 // already used for another email. Retrying such an item cannot succeed.
 func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchResult, error) {
+	start := time.Now() // latency is measured on the monotonic clock, not Config.Now
 	out := make([]BatchResult, len(subs))
 	adms := make([]store.Admission, 0, len(subs))
 	idx := make([]int, 0, len(subs))
@@ -187,6 +218,8 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 		a, err := c.prepare(&subs[i], now)
 		if err != nil {
 			out[i].Err = err
+			c.admitted(subs[i].Source, "rejected", 0)
+			c.log.Info("submission rejected", "source", subs[i].Source, "tenant", subs[i].Tenant, "key", subs[i].Key, "err", err)
 			continue
 		}
 		adms = append(adms, a)
@@ -196,13 +229,21 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 		return out, nil
 	}
 	res, err := c.cfg.Store.Admit(ctx, adms)
+	elapsed := time.Since(start)
 	if err != nil {
+		for _, a := range adms {
+			c.admitted(a.Source, "error", elapsed)
+		}
 		return nil, fmt.Errorf("sendonce: admit: %w", err)
 	}
 	fresh := false
 	for j, r := range res {
 		i := idx[j]
 		out[i].Record = r.Record
+		c.admitted(adms[j].Source, r.Outcome.String(), elapsed)
+		if c.log.Enabled(ctx, slog.LevelDebug) {
+			c.log.Debug("submission admitted", "source", adms[j].Source, "tenant", adms[j].Tenant, "key", adms[j].Key, "message_id", r.Record.MessageID, "outcome", r.Outcome.String())
+		}
 		switch r.Outcome {
 		case store.OutcomeNew:
 			fresh = true
@@ -219,6 +260,12 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 		}
 	}
 	return out, nil
+}
+
+func (c *Client) admitted(source, outcome string, elapsed time.Duration) {
+	if c.cfg.Metrics != nil {
+		c.cfg.Metrics.Admitted(source, outcome, elapsed)
+	}
 }
 
 func (c *Client) prepare(s *Submission, now time.Time) (store.Admission, error) {
@@ -345,16 +392,40 @@ func (c *Client) Get(ctx context.Context, tenant, key string) (Record, error) {
 	return c.cfg.Store.Get(ctx, orDefault(tenant), key)
 }
 
-// ListOptions selects a page of records.
+// Event is one entry of an email's timeline.
+type Event = store.Event
+
+// Events returns the timeline of key in tenant (every submission,
+// duplicate, attempt, outcome and resolution), oldest first, or
+// ErrNotFound.
+func (c *Client) Events(ctx context.Context, tenant, key string) ([]Event, error) {
+	return c.cfg.Store.Events(ctx, orDefault(tenant), key)
+}
+
+// Message returns the stored message of key in tenant (empty once purged
+// after sending), or ErrNotFound.
+func (c *Client) Message(ctx context.Context, tenant, key string) ([]byte, error) {
+	return c.cfg.Store.Message(ctx, orDefault(tenant), key)
+}
+
+// ListOptions selects a page of records; every condition set must hold.
 type ListOptions struct {
-	State  State
-	Limit  int
-	Cursor string
+	State     State
+	KeyPrefix string // keys starting with it
+	Recipient string // this address among the recipients, exactly
+	// CreatedFrom <= created < CreatedBefore; zero leaves a side open.
+	CreatedFrom, CreatedBefore time.Time
+	Limit                      int
+	Cursor                     string
 }
 
 // List returns a page of a tenant's records, newest first.
 func (c *Client) List(ctx context.Context, tenant string, o ListOptions) (store.Page, error) {
-	return c.cfg.Store.List(ctx, store.Filter{Tenant: orDefault(tenant), State: o.State, Limit: o.Limit, Cursor: o.Cursor})
+	if tenant == store.AllTenants {
+		return store.Page{}, fieldErr("tenant", "%q is not a tenant", tenant)
+	}
+	return c.cfg.Store.List(ctx, store.Filter{Tenant: orDefault(tenant), State: o.State, KeyPrefix: o.KeyPrefix, Recipient: o.Recipient,
+		CreatedFrom: o.CreatedFrom, CreatedBefore: o.CreatedBefore, Limit: o.Limit, Cursor: o.Cursor})
 }
 
 // Resolve settles an in-doubt email: resend it (with the same Message-ID),
@@ -364,13 +435,33 @@ func (c *Client) Resolve(ctx context.Context, tenant, key string, action Action,
 		return Record{}, fieldErr("action", "%q is not an action; use resend, mark_sent or fail", action)
 	}
 	r, err := c.cfg.Store.Resolve(ctx, store.Resolution{Tenant: orDefault(tenant), Key: key, Action: action, Actor: actor, Now: c.cfg.Now()})
-	if err == nil && action == ActionResend {
+	if err != nil {
+		return r, err
+	}
+	c.log.Info("in-doubt email resolved", "tenant", r.Tenant, "key", r.Key, "message_id", r.MessageID, "action", action, "by", actor)
+	if c.cfg.Metrics != nil {
+		c.cfg.Metrics.Resolved(string(action), actorKind(actor))
+	}
+	if action == ActionResend {
 		select {
 		case c.wake <- struct{}{}:
 		default:
 		}
 	}
-	return r, err
+	return r, nil
+}
+
+// actorKind sorts an actor into the metrics' "by" label: "rule:..." is an
+// automatic in-doubt rule, "policy:..." the dispatcher's in-doubt policy,
+// anyone else an operator.
+func actorKind(actor string) string {
+	switch {
+	case strings.HasPrefix(actor, "rule:"):
+		return "rule"
+	case strings.HasPrefix(actor, "policy:"):
+		return "policy"
+	}
+	return "operator"
 }
 
 // Counts returns how many emails of tenant are in each state.
@@ -402,18 +493,42 @@ func (c *Client) Run(ctx context.Context) error {
 		Now:             c.cfg.Now,
 		PurgeBody:       dc.PurgeBody,
 	}
-	if obs := dc.Observer; obs != nil {
+	if obs, m := dc.Observer, c.cfg.Metrics; obs != nil || m != nil {
+		trName := ""
+		if c.cfg.Transport != nil { // dispatch.New refuses a nil transport below
+			trName = c.cfg.Transport.Name()
+		}
 		cfg.Observer = func(e dispatch.Event) {
 			res := e.Result.String()
 			if e.Result == 0 {
 				res = "abandoned"
 			}
-			obs(e.Record, res, e.Err)
+			if m != nil {
+				m.Attempted(trName, res, e.Elapsed)
+				if e.PolicyResent {
+					m.Resolved(string(ActionResend), "policy")
+				}
+			}
+			if obs != nil {
+				obs(e.Record, res, e.Err)
+			}
 		}
 	}
 	d, err := dispatch.New(cfg)
 	if err != nil {
 		return fmt.Errorf("sendonce: %w", err)
+	}
+	if err := dispatch.ValidateRules(dc.InDoubtRules); err != nil {
+		return fmt.Errorf("sendonce: %w", err)
+	}
+	if len(dc.InDoubtRules) > 0 {
+		rulesDone := make(chan struct{})
+		defer func() { <-rulesDone }()
+		go func() {
+			defer close(rulesDone)
+			dispatch.RunRules(ctx, dispatch.RulesConfig{Store: c.cfg.Store, Rules: slices.Clone(dc.InDoubtRules), Every: dc.RulesEvery,
+				Resolve: c.Resolve, Now: c.cfg.Now, Logger: c.log})
+		}()
 	}
 	if dc.Retention > 0 {
 		sweepDone := make(chan struct{})

@@ -44,3 +44,17 @@ func (f Filter) PageLimit() int {
 	}
 	return f.Limit
 }
+
+// PrefixEnd is the least string greater than every string that starts with
+// prefix, for a range scan on an index (key >= prefix AND key < end). ok is
+// false when there is none (the prefix is all 0xff bytes): scan to the end.
+func PrefixEnd(prefix string) (end string, ok bool) {
+	b := []byte(prefix)
+	for i := len(b) - 1; i >= 0; i-- {
+		if b[i] < 0xff {
+			b[i]++
+			return string(b[:i+1]), true
+		}
+	}
+	return "", false
+}

@@ -246,13 +246,30 @@ type Resolution struct {
 	Now    time.Time
 }
 
-// Filter selects records for List. Records are listed newest first.
+// Filter selects records for List. Records are listed newest first, or
+// oldest first with Oldest. Every condition set must hold.
 type Filter struct {
+	// Tenant is whose records are listed. AllTenants lists every tenant's:
+	// it is for the service's own loops (metrics, in-doubt rules), never
+	// for a caller's request.
 	Tenant string
 	State  State // empty: any
-	Limit  int   // at most MaxListLimit; 0 means DefaultListLimit
+	// KeyPrefix keeps the records whose key starts with it (case-sensitive).
+	KeyPrefix string
+	// Recipient keeps the records with exactly this address among To.
+	Recipient string
+	// CreatedFrom and CreatedBefore bound CreatedAt: From <= CreatedAt <
+	// Before. A zero time leaves that side open.
+	CreatedFrom, CreatedBefore time.Time
+	// Oldest lists oldest (lowest ID) first. A cursor continues in the
+	// direction of the listing that gave it.
+	Oldest bool
+	Limit  int // at most MaxListLimit; 0 means DefaultListLimit
 	Cursor string
 }
+
+// AllTenants as Filter.Tenant or the tenant of Counts means every tenant.
+const AllTenants = "*"
 
 // Limits of List.
 const (
@@ -265,6 +282,44 @@ type Page struct {
 	Records []Record
 	Next    string // cursor of the next page; empty at the end
 }
+
+// Event is one entry of a record's timeline.
+type Event struct {
+	ID int64
+	// At is the record's time of the change (its UpdatedAt, CreatedAt for
+	// EventAccepted) from the caller's clock; for EventDuplicate, which
+	// changes no time of the record, the database's clock.
+	At   time.Time
+	Kind EventKind
+	// State, Attempt and Fence are the record's after the change.
+	State   State
+	Attempt int
+	Fence   int64
+	// Detail: the front door (accepted), the upstream's reply (sent), the
+	// error (failed, retry, in_doubt), who decided (resolved), the lease
+	// owner (attempt), the duplicate count after it (duplicate; repeats of
+	// one key within one Admit batch may be recorded as one event).
+	Detail string
+}
+
+// EventKind says what happened.
+type EventKind string
+
+// The kinds of events.
+const (
+	EventAccepted   EventKind = "accepted"   // Admit created the record
+	EventDuplicate  EventKind = "duplicate"  // Admit suppressed a repeat of the key
+	EventAttempt    EventKind = "attempt"    // Claim started an attempt (new fence)
+	EventCommitting EventKind = "committing" // the commit marker: the irreversible step follows
+	EventSent       EventKind = "sent"
+	EventFailed     EventKind = "failed"
+	EventRetry      EventKind = "retry" // back to the queue: a retry or a release
+	EventInDoubt    EventKind = "in_doubt"
+	EventResolved   EventKind = "resolved" // Resolve settled an in-doubt record
+)
+
+// MaxEvents is the most events Events returns.
+const MaxEvents = 1000
 
 // Counts is the number of records per state.
 type Counts map[State]int64
@@ -283,6 +338,17 @@ type Store interface {
 
 	// List returns a page of records of one tenant, newest first.
 	List(ctx context.Context, f Filter) (Page, error)
+
+	// Events returns the timeline of (tenant, key), oldest first: at most
+	// MaxEvents, the latest. The store records an event, in the same
+	// transaction, for every change that matters to an operator (see
+	// Event). ErrNotFound if there is no such record.
+	Events(ctx context.Context, tenant, key string) ([]Event, error)
+
+	// Message returns the stored message (the Data every attempt sends) of
+	// (tenant, key), for an operator to read; empty once purged after the
+	// email was sent or failed. ErrNotFound if there is no such record.
+	Message(ctx context.Context, tenant, key string) ([]byte, error)
 
 	// Claim takes up to Limit due records: queued records whose NextAttempt
 	// is at or before Now, and sending records whose lease expired without

@@ -115,7 +115,9 @@ type record struct {
 	LastError  string     `json:"last_error"`
 	Reply      string     `json:"reply"`
 	ResolvedBy string     `json:"resolved_by"`
+	Source     string     `json:"source"`
 	CreatedAt  time.Time  `json:"created_at"`
+	UpdatedAt  time.Time  `json:"updated_at"`
 	SentAt     *time.Time `json:"sent_at"`
 }
 
@@ -233,12 +235,12 @@ func newStatus() *cobra.Command {
 }
 
 func newList() *cobra.Command {
-	var server, state string
+	var server, state, keyPrefix, recipient string
 	var limit int
-	var all bool
+	var all, asJSON bool
 	cmd := &cobra.Command{
-		Use:   "list [--state STATE]",
-		Short: "List emails, newest first",
+		Use:   "list [--state STATE] [--key-prefix P] [--recipient ADDR]",
+		Short: "List emails, newest first, as a table or JSON",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := newAPIClient(server)
@@ -246,15 +248,17 @@ func newList() *cobra.Command {
 				return err
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "KEY\tSTATE\tATTEMPTS\tDUPLICATES\tCREATED\tTO\tSUBJECT")
+			if !asJSON {
+				fmt.Fprintln(tw, "KEY\tSTATE\tATTEMPTS\tDUPLICATES\tCREATED\tTO\tSUBJECT")
+			}
+			var out []record
 			cursor := ""
 			for {
 				q := url.Values{"limit": {fmt.Sprint(limit)}}
-				if state != "" {
-					q.Set("state", state)
-				}
-				if cursor != "" {
-					q.Set("cursor", cursor)
+				for k, v := range map[string]string{"state": state, "key_prefix": keyPrefix, "recipient": recipient, "cursor": cursor} {
+					if v != "" {
+						q.Set(k, v)
+					}
 				}
 				var page struct {
 					Emails     []record `json:"emails"`
@@ -263,22 +267,36 @@ func newList() *cobra.Command {
 				if _, err := c.do(cmd.Context(), http.MethodGet, "/v1/emails?"+q.Encode(), nil, nil, &page); err != nil {
 					return err
 				}
+				out = append(out, page.Emails...)
 				for _, r := range page.Emails {
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\n", r.Key, r.State, r.Attempts, r.Duplicates,
-						r.CreatedAt.Local().Format("2006-01-02 15:04:05"), strings.Join(r.To, ","), r.Subject)
+					if !asJSON {
+						fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\n", r.Key, r.State, r.Attempts, r.Duplicates,
+							r.CreatedAt.Local().Format("2006-01-02 15:04:05"), strings.Join(r.To, ","), r.Subject)
+					}
 				}
 				cursor = page.NextCursor
 				if !all || cursor == "" {
 					break
 				}
 			}
+			if asJSON {
+				if out == nil {
+					out = []record{}
+				}
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(out)
+			}
 			return tw.Flush()
 		},
 	}
 	addServerFlag(cmd, &server)
 	cmd.Flags().StringVar(&state, "state", "", "only this state: queued, sending, sent, failed or in_doubt")
+	cmd.Flags().StringVar(&keyPrefix, "key-prefix", "", "only keys starting with this")
+	cmd.Flags().StringVar(&recipient, "recipient", "", "only emails to this address")
 	cmd.Flags().IntVar(&limit, "limit", 50, "emails per page (1-1000)")
 	cmd.Flags().BoolVar(&all, "all", false, "follow the cursor through every page")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array of records")
 	return cmd
 }
 

@@ -28,7 +28,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newServe(), newMigrate(), newSend(), newStatus(), newList(), newResolve(), newVersion(), newBench(), newSchedule())
+	root.AddCommand(newServe(), newMigrate(), newSend(), newStatus(), newList(), newTail(), newResolve(), newVersion(), newBench(), newSchedule())
 	return root
 }
 

@@ -67,7 +67,7 @@ func (f *scheduleFlags) open(cmd *cobra.Command, quiet bool) (sched *schedule.Sc
 	if quiet {
 		log = slog.New(slog.DiscardHandler)
 	}
-	st, err := service.OpenStore(cmd.Context(), cfg, log)
+	st, err := service.OpenStore(cmd.Context(), cfg, log, nil)
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -268,6 +268,23 @@ type Dispatch struct {
 	BackoffMax      Duration `yaml:"backoff_max"`
 	InDoubt         string   `yaml:"in_doubt"`
 	ShutdownTimeout Duration `yaml:"shutdown_timeout"`
+	// InDoubtRules settle in-doubt emails automatically once they have
+	// waited long enough (file only); see docs/configuration.md.
+	InDoubtRules []InDoubtRule `yaml:"in_doubt_rules"`
+	// RulesInterval is how often the rules are applied. Default 1m.
+	RulesInterval Duration `yaml:"rules_interval"`
+}
+
+// InDoubtRule: an email in doubt for at least After gets Action. When
+// several rules match, the longest After wins.
+type InDoubtRule struct {
+	After  Duration `yaml:"after"`
+	Action string   `yaml:"action"` // resend, mark_sent or fail
+	// Tenant limits the rule to one tenant; empty means all.
+	Tenant string `yaml:"tenant"`
+	// MaxAttempts stops a resend rule once an email has had this many
+	// attempts. Default 3.
+	MaxAttempts int `yaml:"max_attempts"`
 }
 
 // Token lets one API caller in as a tenant.
@@ -535,6 +552,26 @@ func (c *Config) Validate() error {
 	d := c.Dispatch
 	if d.InDoubt != "hold" && d.InDoubt != "resend" {
 		bad("dispatch.in_doubt", "%q is not a policy; use hold (an operator decides) or resend", d.InDoubt)
+	}
+	for i, r := range d.InDoubtRules {
+		at := fmt.Sprintf("dispatch.in_doubt_rules[%d]", i)
+		if r.After <= 0 {
+			bad(at+".after", "is %s; use a positive duration like 24h (how long an email waits in doubt before the rule acts)", time.Duration(r.After))
+		}
+		switch r.Action {
+		case "resend", "mark_sent", "fail":
+		default:
+			bad(at+".action", "%q is not an action; use resend, mark_sent or fail", r.Action)
+		}
+		if r.Tenant != "" && !tenantRE.MatchString(r.Tenant) {
+			bad(at+".tenant", "%q is not a tenant name; use 1-64 letters, digits, '.', '_' or '-', or leave it out for every tenant", r.Tenant)
+		}
+		if r.MaxAttempts < 0 {
+			bad(at+".max_attempts", "is %d; use a positive number, or 0 for the default (3)", r.MaxAttempts)
+		}
+	}
+	if d.RulesInterval < 0 {
+		bad("dispatch.rules_interval", "is negative; use a duration like 1m, or 0 for the default")
 	}
 	for name, n := range map[string]int{"dispatch.workers": d.Workers, "dispatch.max_attempts": d.MaxAttempts, "http.max_in_flight": c.HTTP.MaxInFlight, "smtp.max_messages_per_conn": c.SMTP.MaxMessagesPerConn} {
 		if n < 0 {

@@ -54,6 +54,8 @@ func TestErrorsNameTheSetting(t *testing.T) {
 		{"half tls", "submission:\n  tls_cert: a.pem\n", nil, "submission.tls_cert"},
 		{"bad queue url", "sources:\n  - sqs: not-a-url\n", nil, "sources[0].sqs"},
 		{"long poll", "sources:\n  - sqs: http://127.0.0.1:1/q\n    wait_time: 30s\n", nil, "sources[0].wait_time"},
+		{"rule without after", "dispatch:\n  in_doubt_rules:\n    - action: fail\n", nil, "dispatch.in_doubt_rules[0].after"},
+		{"rule action", "dispatch:\n  in_doubt_rules:\n    - after: 1h\n      action: retry\n", nil, "dispatch.in_doubt_rules[0].action"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -201,4 +203,16 @@ func sedLike(t *testing.T, s, expr string) string {
 		t.Fatalf("bad edit %q", expr)
 	}
 	return regexp.MustCompile(parts[0]).ReplaceAllString(s, strings.ReplaceAll(parts[1], `\/`, "/"))
+}
+func TestInDoubtRulesFromFile(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "sendonce.yaml")
+	os.WriteFile(file, []byte("dispatch:\n  in_doubt_rules:\n    - after: 1h\n      action: resend\n    - after: 24h\n      action: fail\n      tenant: acme\n"), 0o600)
+	c, _, err := Load(file, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.Dispatch.InDoubtRules
+	if len(r) != 2 || time.Duration(r[0].After) != time.Hour || r[0].Action != "resend" || r[1].Tenant != "acme" || r[1].Action != "fail" {
+		t.Fatalf("rules: %+v", r)
+	}
 }

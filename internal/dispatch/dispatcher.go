@@ -82,8 +82,12 @@ type Config struct {
 // Event describes one finished attempt, for metrics and tests.
 type Event struct {
 	Record store.Record
-	Result store.Result
+	Result store.Result // 0: abandoned (lease lost, or the outcome could not be recorded)
 	Err    error
+	// Elapsed is the attempt's time from the claim to the recorded outcome.
+	Elapsed time.Duration
+	// PolicyResent: the result was InDoubt and the resend policy requeued it.
+	PolicyResent bool
 }
 
 // Validate checks the configuration, naming the field and the fix.
@@ -259,7 +263,7 @@ func (d *Dispatcher) release(ctx context.Context, recs []store.Record) {
 			Lease: store.Lease{ID: r.ID, Fence: r.Fence}, Result: store.ResultRelease, RetryAt: now, Now: now,
 			Error: "released at shutdown before the attempt started",
 		}); err != nil {
-			d.log.Warn("release at shutdown failed; the lease expiry will requeue it", "key", r.Key, "err", err)
+			d.log.Warn("release at shutdown failed; the lease expiry will requeue it", "tenant", r.Tenant, "key", r.Key, "message_id", r.MessageID, "err", err)
 		}
 	}
 }
@@ -325,6 +329,13 @@ func (a *attempt) commit(ctx context.Context) error {
 }
 
 func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.Time) {
+	resent := false
+	observe := func(res store.Result, err error) {
+		if d.cfg.Observer != nil {
+			r.Data = nil
+			d.cfg.Observer(Event{Record: r, Result: res, Err: err, Elapsed: time.Since(claimed), PolicyResent: resent})
+		}
+	}
 	a := &attempt{d: d, rec: r, lease: store.Lease{ID: r.ID, Fence: r.Fence}, deadline: claimed.Add(d.cfg.Lease)}
 	log := d.log.With("tenant", r.Tenant, "key", r.Key, "message_id", r.MessageID, "attempt", r.Attempts, "fence", r.Fence)
 
@@ -377,7 +388,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 	case !committed && lost:
 		// Someone else owns the record now; we sent nothing and must write nothing.
 		log.Warn("attempt abandoned: lease lost before the commit marker", "err", err)
-		d.observe(r, 0, err)
+		observe(0, err)
 		return
 	case !committed && ctx.Err() != nil:
 		// Shutdown aborted us before the irreversible step: give it back.
@@ -402,7 +413,7 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 		// The lease expiry will move the record on: to in_doubt if the marker
 		// was set, back to the queue if not. Nothing is lost either way.
 		log.Error("recording the outcome failed; lease expiry will settle it", "result", c.Result, "err", cerr, "send_err", err)
-		d.observe(r, 0, cerr)
+		observe(0, cerr)
 		return
 	}
 	lvl := slog.LevelInfo
@@ -415,9 +426,11 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 			Tenant: r.Tenant, Key: r.Key, Action: store.ActionResend, Actor: "policy:resend", Now: d.cfg.Now(),
 		}); rerr != nil {
 			log.Error("in-doubt policy resend failed; the email stays in_doubt", "err", rerr)
+		} else {
+			resent = true
 		}
 	}
-	d.observe(r, c.Result, err)
+	observe(c.Result, err)
 }
 
 // completeTimeout is how long an outcome may wait for the store: a lease's
@@ -447,13 +460,6 @@ func (d *Dispatcher) complete(ctx context.Context, c store.Completion) error {
 		case <-t.C:
 		}
 		wait = min(2*wait, 5*time.Second)
-	}
-}
-
-func (d *Dispatcher) observe(r store.Record, res store.Result, err error) {
-	if d.cfg.Observer != nil {
-		r.Data = nil
-		d.cfg.Observer(Event{Record: r, Result: res, Err: err})
 	}
 }
 

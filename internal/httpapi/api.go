@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,6 +49,16 @@ type Config struct {
 	// before its body is read, so overload costs no memory. Default 1024.
 	MaxInFlight int
 	Logger      *slog.Logger
+	// Metrics, when set, counts submissions refused before they reached
+	// the Client (no Idempotency-Key, malformed JSON) as rejected.
+	Metrics sendonce.Metrics
+	// MetricsHandler, when set, is served on GET /metrics without
+	// authentication (scrapers rarely carry tokens; it shows counts, never
+	// emails).
+	MetricsHandler http.Handler
+	// Activity, when set, is the per-minute history GET /v1/stats returns
+	// for the dashboard's chart.
+	Activity Activity
 }
 
 // API serves the HTTP API.
@@ -57,6 +68,7 @@ type API struct {
 	tokens   []hashedToken
 	mux      *http.ServeMux
 	inFlight chan struct{} // a slot per submission being served
+	routes   []string
 }
 
 type hashedToken struct {
@@ -88,12 +100,19 @@ func New(cfg Config) (*API, error) {
 		}
 		a.tokens = append(a.tokens, hashedToken{sha256.Sum256([]byte(t.Secret)), t})
 	}
-	a.mux.HandleFunc("POST /v1/emails", a.auth(a.bounded(a.submit)))
-	a.mux.HandleFunc("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
-	a.mux.HandleFunc("GET /v1/emails", a.auth(a.list))
-	a.mux.HandleFunc("GET /v1/emails/{key}", a.auth(a.get))
-	a.mux.HandleFunc("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
-	a.mux.HandleFunc("GET /healthz", a.healthz)
+	a.handle("POST /v1/emails", a.auth(a.bounded(a.submit)))
+	a.handle("POST /v1/emails/batch", a.auth(a.bounded(a.batch)))
+	a.handle("GET /v1/emails", a.auth(a.list))
+	a.handle("GET /v1/emails/{key}", a.auth(a.get))
+	a.handle("GET /v1/emails/{key}/message", a.auth(a.message))
+	a.handle("GET /v1/emails/{key}/events", a.auth(a.events))
+	a.handle("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
+	a.handle("GET /v1/stats", a.auth(a.stats))
+	a.handle("GET /healthz", a.healthz)
+	a.handle("GET /readyz", a.healthz)
+	if cfg.MetricsHandler != nil {
+		a.handle("GET /metrics", cfg.MetricsHandler.ServeHTTP)
+	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", "", fmt.Sprintf("no route for %s %s; see docs/api.md", r.Method, r.URL.Path))
 	})
@@ -101,6 +120,17 @@ func New(cfg Config) (*API, error) {
 }
 
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.mux.ServeHTTP(w, r) }
+
+// handle registers a route and remembers its pattern, so the OpenAPI
+// description can be checked against what is really served.
+func (a *API) handle(pattern string, h http.HandlerFunc) {
+	a.routes = append(a.routes, pattern)
+	a.mux.HandleFunc(pattern, h)
+}
+
+// Routes returns the patterns served ("METHOD /path/{param}"), in the
+// order they were registered.
+func (a *API) Routes() []string { return slices.Clone(a.routes) }
 
 type caller struct{ tenant, name string }
 
@@ -325,7 +355,7 @@ func idempotencyKey(r *http.Request) (string, error) {
 func (a *API) submitError(w http.ResponseWriter, err error, key string, rec store.Record) {
 	status, body := submitErrorBody(err, key, rec)
 	if status == http.StatusInternalServerError {
-		a.log.Error("submit failed", "key", key, "err", err)
+		a.log.Error("submit failed", "key", key, "message_id", rec.MessageID, "err", err)
 	}
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
@@ -352,11 +382,13 @@ func submitErrorBody(err error, key string, rec store.Record) (int, ErrorBody) {
 func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 	key, err := idempotencyKey(r)
 	if err != nil {
+		a.rejected()
 		a.submitError(w, err, "", store.Record{})
 		return
 	}
 	var e sendonce.Email
 	if !a.decode(w, r, &e) {
+		a.rejected()
 		return
 	}
 	c := callerOf(r)
@@ -372,6 +404,13 @@ func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusAccepted, recordJSON(rc.Record))
+}
+
+// rejected counts a submission refused before it reached the Client.
+func (a *API) rejected() {
+	if a.cfg.Metrics != nil {
+		a.cfg.Metrics.Admitted("http", "rejected", 0)
+	}
 }
 
 func escapeKey(k string) string {
@@ -484,15 +523,27 @@ func (a *API) lookupError(w http.ResponseWriter, err error, key string) {
 func (a *API) list(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for name := range q {
-		if name != "state" && name != "limit" && name != "cursor" {
-			writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("unknown query parameter %q; use state, limit and cursor", name))
+		switch name {
+		case "state", "limit", "cursor", "key_prefix", "recipient", "created_after", "created_before":
+		default:
+			writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("unknown query parameter %q; use state, key_prefix, recipient, created_after, created_before, limit and cursor", name))
 			return
 		}
 	}
-	opts := sendonce.ListOptions{State: store.State(q.Get("state")), Cursor: q.Get("cursor")}
+	opts := sendonce.ListOptions{State: store.State(q.Get("state")), Cursor: q.Get("cursor"), KeyPrefix: q.Get("key_prefix"), Recipient: q.Get("recipient")}
 	if opts.State != "" && !opts.State.Valid() {
 		writeError(w, http.StatusBadRequest, "invalid_field", "state", fmt.Sprintf("%q is not a state; use queued, sending, sent, failed or in_doubt", opts.State))
 		return
+	}
+	for name, at := range map[string]*time.Time{"created_after": &opts.CreatedFrom, "created_before": &opts.CreatedBefore} {
+		if v := q.Get(name); v != "" {
+			t, err := time.Parse(time.RFC3339Nano, v)
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "invalid_field", name, fmt.Sprintf("%q is not an RFC 3339 time; write it like 2026-12-04T20:10:24Z", v))
+				return
+			}
+			*at = t
+		}
 	}
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
@@ -546,6 +597,9 @@ func (a *API) resolve(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, recordJSON(rec))
 }
 
+// healthz answers /healthz and /readyz: 200 while the store answers, 503
+// while it does not, so a load balancer stops sending submissions that
+// could not be recorded.
 func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()

@@ -468,3 +468,33 @@ func TestOverloadIsRefusedWith503(t *testing.T) {
 		t.Fatalf("after the load: %d %s", r.status, r.raw)
 	}
 }
+
+// The message view decodes the stored message's parts for the dashboard.
+func TestMessageView(t *testing.T) {
+	e := newEnv(t)
+	body := `{"from":"App <app@example.com>","to":["ann@example.net"],"subject":"Grüße","text":"plain ünïcode","html":"<p>rich</p>"}`
+	if r := e.do("POST", "/v1/emails", map[string]string{"Idempotency-Key": "view-1"}, body); r.status != http.StatusAccepted {
+		t.Fatalf("submit: %d %s", r.status, r.raw)
+	}
+	r := e.do("GET", "/v1/emails/view-1/message", nil, "")
+	if r.status != http.StatusOK {
+		t.Fatalf("message: %d %s", r.status, r.raw)
+	}
+	if r.body["text"] != "plain ünïcode\r\n" || r.body["html"] != "<p>rich</p>\r\n" || r.body["purged"] != false {
+		t.Fatalf("view: %s", r.raw)
+	}
+	var subject, mid string
+	for _, h := range r.body["headers"].([]any) {
+		kv := h.([]any)
+		switch kv[0] {
+		case "Subject":
+			subject = kv[1].(string)
+		case "Message-Id", "Message-ID":
+			mid = kv[1].(string)
+		}
+	}
+	rec := e.do("GET", "/v1/emails/view-1", nil, "")
+	if subject != "Grüße" || mid == "" || !strings.Contains(mid, strings.Trim(rec.body["message_id"].(string), "<>")) {
+		t.Fatalf("headers: subject %q, Message-ID %q (record %v)", subject, mid, rec.body["message_id"])
+	}
+}

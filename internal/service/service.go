@@ -20,8 +20,10 @@ import (
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/config"
 	"github.com/sendonce/sendonce/internal/httpapi"
+	"github.com/sendonce/sendonce/internal/metrics"
 	"github.com/sendonce/sendonce/internal/schedule"
 	"github.com/sendonce/sendonce/internal/smtpd"
+	"github.com/sendonce/sendonce/internal/web"
 	"github.com/sendonce/sendonce/source"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/pgstore"
@@ -45,6 +47,7 @@ type Service struct {
 	smtpLn    net.Listener
 	sources   []source.Source
 	scheduler *schedule.Scheduler
+	metrics   *metrics.Metrics
 }
 
 // New opens the store, builds the transport and binds the listeners. On
@@ -56,10 +59,14 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 			s.close()
 		}
 	}()
-	s.store, err = OpenStore(ctx, cfg, log)
+	// The store's commit hook needs the metrics and the metrics' ledger
+	// gauges need the store: the hook reads s.metrics, set just below,
+	// before the first write.
+	s.store, err = OpenStore(ctx, cfg, log, func(c sqlitestore.CommitInfo) { s.metrics.Committed(c.Requests, c.Sync) })
 	if err != nil {
 		return nil, err
 	}
+	s.metrics = metrics.New(metrics.Config{Store: s.store})
 	s.transport, err = NewTransport(ctx, cfg)
 	if err != nil {
 		return nil, err
@@ -76,6 +83,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		Store:           s.store,
 		Transport:       s.transport,
 		Logger:          log,
+		Metrics:         s.metrics,
 		MessageIDDomain: cfg.MessageIDDomain,
 		MaxMessageBytes: maxBytes,
 		Dispatch: sendonce.DispatchConfig{
@@ -90,6 +98,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 			ShutdownTimeout: time.Duration(cfg.Dispatch.ShutdownTimeout),
 			PurgeBody:       cfg.PurgeBodyOnSend,
 			Retention:       time.Duration(cfg.Retention),
+			InDoubtRules:    inDoubtRules(cfg.Dispatch.InDoubtRules),
+			RulesEvery:      time.Duration(cfg.Dispatch.RulesInterval),
 		},
 	})
 	if err != nil {
@@ -99,7 +109,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	for i, t := range cfg.Tokens {
 		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
 	}
-	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log})
+	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log,
+		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity()})
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +135,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		}
 	}
 	s.http = &http.Server{
-		Handler:           api,
+		Handler:           web.Handler(web.Config{API: api, AuthRequired: len(cfg.Tokens) > 0}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       2 * time.Minute,
 		IdleTimeout:       2 * time.Minute,
@@ -195,11 +206,20 @@ func NewScheduler(cfg config.Config, st store.Store, sub schedule.Submitter, log
 	})
 }
 
+func inDoubtRules(rules []config.InDoubtRule) []sendonce.InDoubtRule {
+	out := make([]sendonce.InDoubtRule, len(rules))
+	for i, r := range rules {
+		out[i] = sendonce.InDoubtRule{After: time.Duration(r.After), Action: sendonce.Action(r.Action), Tenant: r.Tenant, MaxAttempts: r.MaxAttempts}
+	}
+	return out
+}
+
 // OpenStore opens the ledger the configuration names: SQLite in the data
-// directory, or a shared PostgreSQL database.
-func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger) (store.Store, error) {
+// directory, or a shared PostgreSQL database. onCommit, when not nil, sees
+// every commit of the SQLite store's writer.
+func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger, onCommit func(sqlitestore.CommitInfo)) (store.Store, error) {
 	if cfg.Store == "" {
-		st, err := sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{})
+		st, err := sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{OnCommit: onCommit})
 		if err != nil {
 			return nil, err // not a typed nil: close() tests the interface
 		}
@@ -312,6 +332,9 @@ func NewTransport(ctx context.Context, cfg config.Config) (transport.Transport, 
 
 // HTTPAddr is the address the API listens on (useful with port 0).
 func (s *Service) HTTPAddr() string { return s.listener.Addr().String() }
+
+// Metrics is the service's instrumentation (served on GET /metrics).
+func (s *Service) Metrics() *metrics.Metrics { return s.metrics }
 
 // Client is the library client the front doors use.
 func (s *Service) Client() *sendonce.Client { return s.client }

@@ -294,7 +294,7 @@ func (se *session) submit(m *message, key string, src KeySource) error {
 	case err == nil && rc.Duplicate:
 		return se.duplicate(key, src)
 	case err == nil:
-		se.s.log.Debug("smtp submission queued", "tenant", se.tenant, "key", key, "key_source", src, "remote", se.remote.String())
+		se.s.log.Debug("smtp submission queued", "tenant", se.tenant, "key", key, "message_id", rc.Record.MessageID, "key_source", src, "remote", se.remote.String())
 		se.s.observe(Event{Kind: EventNew, Tenant: se.tenant, User: se.user, Key: key, Source: src, Code: 250, Remote: se.remote})
 		return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "queued as " + key}
 	case errors.Is(err, sendonce.ErrKeyReused):

@@ -33,16 +33,16 @@ func cols(prefix string) string {
 // statement names the schema, so AdmitTx works whatever search_path the
 // caller's connection has.
 type queries struct {
-	emails, seq, migrations string
-	fires                   string
-	cols, colsE             string
+	emails, events, fires, seq, migrations string
+	cols, colsE                            string
 }
 
 func newQueries(schema string) queries {
-	q := queries{emails: "sendonce_emails", fires: "sendonce_fires", migrations: migrationsTable, cols: cols(""), colsE: cols("e.")}
+	q := queries{emails: "sendonce_emails", events: "sendonce_email_events", fires: "sendonce_fires", migrations: migrationsTable, cols: cols(""), colsE: cols("e.")}
 	seq := "sendonce_emails_id_seq"
 	if schema != "" {
 		q.emails = pgx.Identifier{schema, q.emails}.Sanitize()
+		q.events = pgx.Identifier{schema, q.events}.Sanitize()
 		q.fires = pgx.Identifier{schema, q.fires}.Sanitize()
 		q.migrations = pgx.Identifier{schema, q.migrations}.Sanitize()
 		seq = pgx.Identifier{schema, seq}.Sanitize()
@@ -51,9 +51,9 @@ func newQueries(schema string) queries {
 	return q
 }
 
-// expand replaces {emails}, {fires}, {seq}, {cols} and {e.cols} in a statement.
+// expand replaces {emails}, {events}, {fires}, {seq}, {cols} and {e.cols} in a statement.
 func (q queries) expand(sql string) string {
-	return strings.NewReplacer("{emails}", q.emails, "{fires}", q.fires, "{seq}", q.seq, "{cols}", q.cols, "{e.cols}", q.colsE).Replace(sql)
+	return strings.NewReplacer("{emails}", q.emails, "{events}", q.events, "{fires}", q.fires, "{seq}", q.seq, "{cols}", q.cols, "{e.cols}", q.colsE).Replace(sql)
 }
 
 // scanRecord scans recordCols, plus data when withData is set.

@@ -3,8 +3,10 @@ package sqlitestore
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/sendonce/sendonce/store"
 )
@@ -25,7 +27,63 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (store.Record, erro
 	return r, nil
 }
 
-// List returns a page of one tenant's records, newest (highest ID) first.
+// Events returns the timeline of (tenant, key), oldest first.
+func (s *Store) Events(ctx context.Context, tenant, key string) ([]store.Event, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var id int64
+	err := s.rdb.QueryRowContext(ctx, "SELECT id FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("sqlitestore: events %q: %w", key, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT id, at, kind, state, attempt, fence, detail FROM email_events
+		WHERE email_id = ? ORDER BY id DESC LIMIT ?`, id, store.MaxEvents)
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	defer rows.Close()
+	evs := []store.Event{}
+	for rows.Next() {
+		var (
+			e           store.Event
+			at          int64
+			kind, state string
+		)
+		if err := rows.Scan(&e.ID, &at, &kind, &state, &e.Attempt, &e.Fence, &e.Detail); err != nil {
+			return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+		}
+		e.At, e.Kind, e.State = fromNanos(at), store.EventKind(kind), store.State(state)
+		evs = append(evs, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.readErr(fmt.Sprintf("events %q", key), err)
+	}
+	slices.Reverse(evs)
+	return evs, nil
+}
+
+// Message returns the stored message of (tenant, key).
+func (s *Store) Message(ctx context.Context, tenant, key string) ([]byte, error) {
+	if s.closed.Load() {
+		return nil, store.ErrClosed
+	}
+	var data []byte
+	err := s.rdb.QueryRowContext(ctx, "SELECT data FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key).Scan(&data)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("sqlitestore: message %q: %w", key, store.ErrNotFound)
+	}
+	if err != nil {
+		return nil, s.readErr(fmt.Sprintf("message %q", key), err)
+	}
+	return data, nil
+}
+
+// List returns a page of records, newest (highest ID) first unless
+// f.Oldest.
 func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 	if s.closed.Load() {
 		return store.Page{}, store.ErrClosed
@@ -34,21 +92,57 @@ func (s *Store) List(ctx context.Context, f store.Filter) (store.Page, error) {
 		return store.Page{}, fmt.Errorf("sqlitestore: list: unknown state %q", f.State)
 	}
 	limit := f.PageLimit()
-	q := "SELECT " + recordCols + " FROM emails WHERE tenant = ?"
-	args := []any{f.Tenant}
+	q := "SELECT " + recordCols + " FROM emails WHERE 1=1"
+	var args []any
+	if f.Tenant != store.AllTenants {
+		q += " AND tenant = ?"
+		args = append(args, f.Tenant)
+	}
 	if f.State != "" {
 		q += " AND state = ?"
 		args = append(args, string(f.State))
+	}
+	if f.KeyPrefix != "" {
+		// A range on the (tenant, idem_key) index rather than a scan.
+		q += " AND idem_key >= ?"
+		args = append(args, f.KeyPrefix)
+		if hi, ok := store.PrefixEnd(f.KeyPrefix); ok {
+			q += " AND idem_key < ?"
+			args = append(args, hi)
+		}
+	}
+	if f.Recipient != "" {
+		// rcpt_to is a JSON array; the quoted address matches one element
+		// exactly.
+		needle, _ := json.Marshal(f.Recipient)
+		q += " AND instr(rcpt_to, ?) > 0"
+		args = append(args, string(needle))
+	}
+	if !f.CreatedFrom.IsZero() {
+		q += " AND created_at >= ?"
+		args = append(args, nanos(f.CreatedFrom))
+	}
+	if !f.CreatedBefore.IsZero() {
+		q += " AND created_at < ?"
+		args = append(args, nanos(f.CreatedBefore))
 	}
 	if f.Cursor != "" {
 		after, err := store.DecodeCursor(f.Cursor)
 		if err != nil {
 			return store.Page{}, fmt.Errorf("sqlitestore: list: %w", err)
 		}
-		q += " AND id < ?"
+		if f.Oldest {
+			q += " AND id > ?"
+		} else {
+			q += " AND id < ?"
+		}
 		args = append(args, after)
 	}
-	q += " ORDER BY id DESC LIMIT ?"
+	if f.Oldest {
+		q += " ORDER BY id ASC LIMIT ?"
+	} else {
+		q += " ORDER BY id DESC LIMIT ?"
+	}
 	args = append(args, limit+1) // one more tells whether there is a next page
 	rows, err := s.rdb.QueryContext(ctx, q, args...)
 	if err != nil {

@@ -9,7 +9,7 @@ import (
 // schemaVersion is stored in PRAGMA user_version. A database with a higher
 // version was written by a newer sendonce and is refused rather than
 // misread.
-const schemaVersion = 3
+const schemaVersion = 5
 
 // The ledger is one table: the dedup ledger (UNIQUE (tenant, idem_key)), the
 // outbox (the due and lease indexes the dispatcher claims from) and the
@@ -84,6 +84,62 @@ CREATE TABLE IF NOT EXISTS fires (
 CREATE INDEX IF NOT EXISTS fires_schedule ON fires (schedule, scheduled_at);
 `
 
+// schemaV4 serves the operator's views across tenants: the metrics' oldest
+// queued and in-doubt email, and the in-doubt rules, list one state of every
+// tenant in ID order.
+const schemaV4 = `
+CREATE INDEX IF NOT EXISTS emails_state_id ON emails (state, id);
+`
+
+// schemaV5 is the timeline of every record: triggers write an event in the
+// transaction of every change an operator cares about, so no write path can
+// forget one. A record's events go with it when the sweeper deletes it.
+// Claim and Resolve advance the fence and Complete never does, which tells
+// an attempt and a resolution from a plain change of state.
+const schemaV5 = `
+CREATE TABLE IF NOT EXISTS email_events (
+	id       INTEGER PRIMARY KEY AUTOINCREMENT,
+	email_id INTEGER NOT NULL REFERENCES emails (id) ON DELETE CASCADE,
+	at       INTEGER NOT NULL,
+	kind     TEXT    NOT NULL,
+	state    TEXT    NOT NULL,
+	attempt  INTEGER NOT NULL,
+	fence    INTEGER NOT NULL,
+	detail   TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS email_events_email ON email_events (email_id, id);
+
+CREATE TRIGGER IF NOT EXISTS emails_event_accepted AFTER INSERT ON emails BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, NEW.created_at, 'accepted', NEW.state, NEW.attempts, NEW.fence, NEW.source);
+END;
+-- A duplicate changes no time of the record: the database's clock dates it.
+CREATE TRIGGER IF NOT EXISTS emails_event_duplicate AFTER UPDATE ON emails WHEN NEW.duplicates > OLD.duplicates BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1000000, 'duplicate',
+		NEW.state, NEW.attempts, NEW.fence, CAST(NEW.duplicates AS TEXT));
+END;
+CREATE TRIGGER IF NOT EXISTS emails_event_attempt AFTER UPDATE ON emails WHEN NEW.state = 'sending' AND NEW.fence != OLD.fence BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, NEW.updated_at, 'attempt', NEW.state, NEW.attempts, NEW.fence, NEW.lease_owner);
+END;
+CREATE TRIGGER IF NOT EXISTS emails_event_committing AFTER UPDATE ON emails WHEN NEW.committing = 1 AND OLD.committing = 0 BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, NEW.updated_at, 'committing', NEW.state, NEW.attempts, NEW.fence, '');
+END;
+CREATE TRIGGER IF NOT EXISTS emails_event_state AFTER UPDATE ON emails
+WHEN NEW.state != OLD.state AND NEW.state != 'sending' AND NEW.fence = OLD.fence BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, NEW.updated_at, CASE NEW.state WHEN 'queued' THEN 'retry' ELSE NEW.state END,
+		NEW.state, NEW.attempts, NEW.fence, CASE NEW.state WHEN 'sent' THEN NEW.reply ELSE NEW.last_error END);
+END;
+CREATE TRIGGER IF NOT EXISTS emails_event_resolved AFTER UPDATE ON emails
+WHEN OLD.state = 'in_doubt' AND NEW.state != 'in_doubt' AND NEW.fence != OLD.fence BEGIN
+	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
+	VALUES (NEW.id, NEW.updated_at, 'resolved', NEW.state, NEW.attempts, NEW.fence, NEW.resolved_by);
+END;
+`
+
 func migrate(ctx context.Context, db *sql.DB, path string) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -100,7 +156,7 @@ func migrate(ctx context.Context, db *sql.DB, path string) error {
 	if v == schemaVersion {
 		return nil
 	}
-	for i, ddl := range []string{schemaV1, schemaV2, schemaV3}[v:] {
+	for i, ddl := range []string{schemaV1, schemaV2, schemaV3, schemaV4, schemaV5}[v:] {
 		if _, err := tx.ExecContext(ctx, ddl); err != nil {
 			return fmt.Errorf("sqlitestore: open %s: migrate to schema %d: %w", path, v+i+1, err)
 		}

@@ -68,6 +68,20 @@ type Options struct {
 	BusyTimeout time.Duration
 	// ReadConns is the size of the read-only pool. 0 means max(4, GOMAXPROCS).
 	ReadConns int
+	// OnCommit, when set, is called by the writer after every committed
+	// transaction, for metrics. It runs on the writer goroutine, so it must
+	// return at once (update a counter, observe a histogram).
+	OnCommit func(CommitInfo)
+}
+
+// CommitInfo describes one committed write transaction.
+type CommitInfo struct {
+	// Requests is how many write requests shared the commit (the group
+	// commit's batch size).
+	Requests int
+	// Sync is how long the COMMIT took: with synchronous=FULL, mostly the
+	// fsync of the WAL.
+	Sync time.Duration
 }
 
 func (o Options) validate() error {

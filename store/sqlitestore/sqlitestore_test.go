@@ -388,3 +388,40 @@ func TestOptionsValidated(t *testing.T) {
 		t.Fatalf("Open with MaxBatch -1: %v, want an error naming MaxBatch", err)
 	}
 }
+
+// OnCommit sees every commit with the number of requests it carried, so
+// the metrics' batch-size histogram adds up to the requests served.
+func TestOnCommitSeesEveryCommit(t *testing.T) {
+	var mu sync.Mutex
+	var commits, reqs int
+	s, err := Open(t.Context(), t.TempDir(), Options{OnCommit: func(c CommitInfo) {
+		mu.Lock()
+		defer mu.Unlock()
+		commits++
+		reqs += c.Requests
+		if c.Sync < 0 {
+			t.Errorf("negative commit duration %v", c.Sync)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	before := s.Stats()
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() {
+			if _, err := s.Admit(t.Context(), []store.Admission{crashAdmission(fmt.Sprintf("k%d", i))}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	st := s.Stats()
+	mu.Lock()
+	defer mu.Unlock()
+	if int64(commits) != st.Commits-before.Commits || int64(reqs) != st.Requests-before.Requests || reqs != 50 {
+		t.Fatalf("OnCommit saw %d commits of %d requests; the writer counted %d commits of %d requests (want 50)",
+			commits, reqs, st.Commits-before.Commits, st.Requests-before.Requests)
+	}
+}

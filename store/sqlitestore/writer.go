@@ -3,6 +3,7 @@ package sqlitestore
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/sendonce/sendonce/store"
 )
@@ -159,9 +160,13 @@ func (s *Store) runTx(reqs []*request) ([]answer, error) {
 		}
 		answers[i] = ans
 	}
+	start := time.Now()
 	if err := tx.Commit(); err != nil {
 		tx.Rollback()
 		return nil, fmt.Errorf("sqlitestore: commit: %w", err)
+	}
+	if s.opts.OnCommit != nil {
+		s.opts.OnCommit(CommitInfo{Requests: len(reqs), Sync: time.Since(start)})
 	}
 	s.commits.Add(1)
 	s.requests.Add(int64(len(reqs)))

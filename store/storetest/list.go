@@ -227,5 +227,87 @@ func testClosed(t *testing.T, s store.Store) {
 	wantErr(t, "Resolve after Close", err, store.ErrClosed)
 	_, err = s.Counts(c, tenantA)
 	wantErr(t, "Counts after Close", err, store.ErrClosed)
+	_, err = s.Message(c, tenantA, "k")
+	wantErr(t, "Message after Close", err, store.ErrClosed)
+	_, err = s.Events(c, tenantA, "k")
+	wantErr(t, "Events after Close", err, store.ErrClosed)
 	wantErr(t, "Ping after Close", s.Ping(c), store.ErrClosed)
+}
+
+func testListSearch(t *testing.T, s store.Store) {
+	mk := func(tenant, key string, to []string, at time.Time) store.Record {
+		a := admission(tenant, key, "fp-1", at)
+		a.To = to
+		return admit(t, s, a)[0].Record
+	}
+	a1 := mk(tenantA, "invoice-1", []string{"ann@example.net"}, Epoch)
+	a2 := mk(tenantA, "invoice-2", []string{"bob@example.net", "ann@example.net"}, Epoch.Add(time.Minute))
+	a3 := mk(tenantA, "reset-1", []string{"bob@example.net"}, Epoch.Add(2*time.Minute))
+	mk(tenantA, "invoicf", []string{"ann@example.net.evil"}, Epoch.Add(3*time.Minute)) // just past the prefix, and a longer address
+	b1 := mk(tenantB, "invoice-9", []string{"ann@example.net"}, Epoch.Add(4*time.Minute))
+	cases := []struct {
+		name string
+		f    store.Filter
+		want []int64
+	}{
+		{"key prefix", store.Filter{Tenant: tenantA, KeyPrefix: "invoice-"}, []int64{a2.ID, a1.ID}},
+		{"recipient exact", store.Filter{Tenant: tenantA, Recipient: "ann@example.net"}, []int64{a2.ID, a1.ID}},
+		{"prefix and recipient", store.Filter{Tenant: tenantA, KeyPrefix: "invoice", Recipient: "bob@example.net"}, []int64{a2.ID}},
+		{"created range", store.Filter{Tenant: tenantA, CreatedFrom: Epoch.Add(time.Minute), CreatedBefore: Epoch.Add(3 * time.Minute)}, []int64{a3.ID, a2.ID}},
+		{"oldest first", store.Filter{Tenant: tenantA, KeyPrefix: "invoice-", Oldest: true}, []int64{a1.ID, a2.ID}},
+		{"all tenants", store.Filter{Tenant: store.AllTenants, KeyPrefix: "invoice-"}, []int64{b1.ID, a2.ID, a1.ID}},
+		{"no match", store.Filter{Tenant: tenantA, Recipient: "nobody@example.net"}, nil},
+	}
+	for _, c := range cases {
+		got := ids(list(t, s, c.f).Records)
+		if fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("List(%s): %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+func testListOldestPaging(t *testing.T, s store.Store) {
+	recs := admitN(t, s, tenantA, 7)
+	admitN(t, s, tenantB, 3)
+	f := store.Filter{Tenant: store.AllTenants, State: store.StateQueued, Oldest: true, Limit: 3}
+	var got []int64
+	for pages := 0; ; pages++ {
+		if pages > 5 {
+			t.Fatal("paging does not end")
+		}
+		p := list(t, s, f)
+		got = append(got, ids(p.Records)...)
+		if p.Next == "" {
+			break
+		}
+		f.Cursor = p.Next
+	}
+	if len(got) != 10 || got[0] != recs[0].ID {
+		t.Fatalf("oldest-first paging over all tenants: %v, want 10 records from %d", got, recs[0].ID)
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i] <= got[i-1] {
+			t.Fatalf("oldest-first paging not ascending: %v", got)
+		}
+	}
+}
+
+func testMessage(t *testing.T, s store.Store) {
+	a := admission(tenantA, "m", "fp-1", Epoch)
+	a.NotBefore = Epoch.Add(time.Hour) // not due: the claim below must take only "p"
+	admit(t, s, a)
+	got, err := s.Message(ctx(t), tenantA, "m")
+	if err != nil || string(got) != string(a.Data) {
+		t.Fatalf("Message: %q, %v; want the admitted data %q", got, err, a.Data)
+	}
+	_, err = s.Message(ctx(t), tenantB, "m")
+	wantErr(t, "Message of another tenant", err, store.ErrNotFound)
+	_, err = s.Message(ctx(t), tenantA, "nothing")
+	wantErr(t, "Message of an unknown key", err, store.ErrNotFound)
+	// Purged on send: the record stays, the message is gone.
+	c := claimOne(t, s, Epoch, admitNew(t, s, "p", Epoch).ID)
+	complete(t, s, store.Completion{Lease: leaseOf(c), Result: store.ResultSent, Now: Epoch, PurgeData: true})
+	if got, err := s.Message(ctx(t), tenantA, "p"); err != nil || len(got) != 0 {
+		t.Fatalf("Message after a purge: %q, %v; want empty", got, err)
+	}
 }
