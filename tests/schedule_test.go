@@ -165,8 +165,17 @@ scheduler:
 		pid, _ := strconv.Atoi(f.owner[strings.LastIndexByte(f.owner, '/')+1:])
 		for i := range 3 {
 			if n := c.node(i); n.cmd.Process.Pid == pid {
-				victim, killedAt, inWindow = i, f, emails-f.admitted
 				n.kill()
+				// The node may have recorded its batch between the reads
+				// above and the kill; read both again now that it is dead
+				// (no other node takes the fire before its lease expires).
+				err := conn.QueryRow(ctx, `SELECT f.admitted, (SELECT count(*) FROM sendonce_emails
+					WHERE tenant = 'default' AND idem_key >= 'big@' AND idem_key < 'big@~')
+					FROM sendonce_fires f WHERE f.fire_key = $1 AND f.owner = $2`, f.key, f.owner).Scan(&f.admitted, &emails)
+				if err != nil {
+					t.Fatalf("reading the fire after the kill (taken over already?): %v", err)
+				}
+				victim, killedAt, inWindow = i, f, emails-f.admitted
 				return true, ""
 			}
 		}

@@ -270,12 +270,16 @@ func TestResumeAfterCrashAdmitsEachOnce(t *testing.T) {
 type crashingSubmitter struct {
 	next  Submitter
 	after int
+	crash func() // called at the crash, if set
 	n     atomic.Int64
 }
 
 func (c *crashingSubmitter) SubmitBatch(ctx context.Context, subs []sendonce.Submission) ([]sendonce.BatchResult, error) {
 	res, err := c.next.SubmitBatch(ctx, subs)
 	if err == nil && c.n.Add(1) == int64(c.after) {
+		if c.crash != nil {
+			c.crash()
+		}
 		return nil, errors.New("node died after admitting")
 	}
 	return res, err

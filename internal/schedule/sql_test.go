@@ -4,15 +4,20 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/store"
+	"github.com/sendonce/sendonce/store/pgstore"
 )
 
 // postgres returns the URL of the test PostgreSQL (SENDONCE_TEST_POSTGRES,
@@ -95,4 +100,132 @@ func TestSQLSource(t *testing.T) {
 	if _, _, err := rd.Next(t.Context(), 10); err == nil || err == io.EOF {
 		t.Fatalf("rows without an email column: %v", err)
 	}
+}
+
+// Three scheduler instances, each with its own PostgreSQL store (its own
+// pool, as on three nodes), tick one schedule at once over two minutes of
+// a fake clock. One instance dies in the middle of a fire (after admitting
+// a batch, before recording it); after its lease expires another instance
+// resumes the fire. Every fire is done, with every recipient once.
+func TestThreeNodesOnPostgres(t *testing.T) {
+	url, schema := postgres(t)
+	if err := pgstore.Migrate(t.Context(), url, pgstore.Options{Schema: schema}); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, utc("2030-05-01T09:00:00Z"))
+	path := e.recipients("r.jsonl", 30)
+	var nodes []*Scheduler
+	var stores []*pgstore.Store
+	for i := range 3 {
+		st, err := pgstore.Open(t.Context(), url, pgstore.Options{Schema: schema})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		stores = append(stores, st)
+		client, err := sendonce.New(sendonce.Config{Store: st, Now: e.clock.Now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sub Submitter = client
+		var fs store.FireStore = st
+		if i == 0 { // dies in the first fire it runs, after admitting its second batch
+			d := &deadNode{FireStore: st}
+			sub, fs = &crashingSubmitter{next: client, after: 2, crash: func() { d.dead.Store(true) }}, d
+		}
+		s, err := New(Config{Store: fs, Submitter: sub, Schedules: []Schedule{e.schedule("often", "*/10 * * * * *", path, time.UTC)},
+			Owner: fmt.Sprintf("node-%d", i), Clock: e.clock, BatchSize: 7, Lease: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, s)
+	}
+	for range 12 {
+		var wg sync.WaitGroup
+		for _, n := range nodes {
+			wg.Go(func() { n.Tick(t.Context()) })
+		}
+		wg.Wait()
+		e.clock.Add(10 * time.Second)
+	}
+	fs, err := stores[1].ListFires(t.Context(), store.FireFilter{Schedule: "often", Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fs) != 18 { // 08:59:00..09:00:00 on time at the first tick, and eleven more
+		t.Fatalf("%d fires, want 18", len(fs))
+	}
+	resumed := 0
+	for _, f := range fs {
+		if f.State != store.FireDone || f.Admitted+f.Duplicates < 30 {
+			t.Fatalf("fire %+v", f)
+		}
+		if f.Attempts > 1 {
+			resumed++
+			// The dead node's second batch was admitted, not recorded:
+			// the node that took over admitted it again, as duplicates.
+			if f.Duplicates != 7 || f.Owner == "node-0" {
+				t.Fatalf("resumed fire %+v: want 7 duplicates, finished by another node", f)
+			}
+		}
+		for i := range 30 {
+			addr := fmt.Sprintf("u%04d@example.com", i)
+			if _, err := stores[2].Get(t.Context(), sendonce.DefaultTenant, EmailKey(f.Key, addr)); err != nil {
+				t.Fatalf("fire %s: %s has no email: %v", f.Key, addr, err)
+			}
+		}
+	}
+	if resumed != 1 {
+		t.Fatalf("%d fires were resumed after the crash, want 1", resumed)
+	}
+	var n int
+	if err := stores[0].Ping(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if err := conn.QueryRow(t.Context(), "SELECT count(*) FROM "+schema+".sendonce_emails").Scan(&n); err != nil || n != 18*30 {
+		t.Fatalf("%d emails in the ledger (%v), want %d: one per recipient per fire", n, err, 18*30)
+	}
+}
+
+// deadNode is the fire store as a killed node sees it: after the crash,
+// nothing it writes arrives. Its fire stays running until the lease
+// expires, as after a SIGKILL.
+type deadNode struct {
+	store.FireStore
+	dead atomic.Bool
+}
+
+var errDead = errors.New("this node is dead")
+
+func (d *deadNode) ClaimFire(ctx context.Context, c store.FireClaim) (store.Fire, error) {
+	if d.dead.Load() {
+		return store.Fire{}, errDead
+	}
+	return d.FireStore.ClaimFire(ctx, c)
+}
+
+func (d *deadNode) RenewFire(ctx context.Context, l store.FireLease, now time.Time, dur time.Duration) error {
+	if d.dead.Load() {
+		return errDead
+	}
+	return d.FireStore.RenewFire(ctx, l, now, dur)
+}
+
+func (d *deadNode) ProgressFire(ctx context.Context, p store.FireProgress) error {
+	if d.dead.Load() {
+		return errDead
+	}
+	return d.FireStore.ProgressFire(ctx, p)
+}
+
+func (d *deadNode) FinishFire(ctx context.Context, f store.FireFinish) error {
+	if d.dead.Load() {
+		return errDead
+	}
+	return d.FireStore.FinishFire(ctx, f)
 }

@@ -35,6 +35,11 @@
 //     UPDATE SKIP LOCKED, so sweepers on several nodes neither collide nor
 //     hold long locks. An admission whose key is swept under it is re-run
 //     and finds the key free.
+//   - Fires of schedules (store.FireStore, table sendonce_fires): a claim
+//     is one INSERT ... ON CONFLICT DO UPDATE ... WHERE claimable, so the
+//     primary key decides between nodes creating a fire and the row lock
+//     between nodes taking over an expired one; progress and finish are
+//     compare-and-set on (fire key, fence), like email leases.
 //   - Connection loss: calls fail (wrapped pgx errors, never a store
 //     sentinel) while the database is away, and the pool reconnects on its
 //     own when it returns; nothing needs restarting. A batch that failed

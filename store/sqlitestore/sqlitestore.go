@@ -20,6 +20,9 @@
 //   - One process: the data directory is locked with flock(2) on dir/LOCK
 //     for as long as the store is open; a second Open fails at once with
 //     store.ErrLocked naming the holder's pid.
+//   - Fires of schedules (store.FireStore, table fires) are written by the
+//     same writer: a claim reads and writes in one transaction no other
+//     write can enter.
 //   - Reads (Get, List, Counts, Ping) use a separate pool of read-only
 //     connections, which WAL lets run beside the writer.
 //
