@@ -94,16 +94,17 @@ type Config struct {
 // Metrics is told what a Client does, for monitoring. Every method must
 // return at once; the Client calls them on its hot paths.
 type Metrics interface {
-	// Admitted: one submission from source (the front door) ended with
-	// outcome new, duplicate, conflict, rejected (invalid, never reached
-	// the ledger) or error (the ledger failed) after elapsed.
-	Admitted(source, outcome string, elapsed time.Duration)
-	// Attempted: one delivery attempt through transport ended with outcome
-	// sent, failed, retry, in_doubt, release or abandoned after elapsed.
-	Attempted(transport, outcome string, elapsed time.Duration)
-	// Resolved: an in-doubt email was resolved with action by an operator,
-	// a rule or the policy ("operator", "rule", "policy").
-	Resolved(action, by string)
+	// Admitted: one submission of tenant from source (the front door)
+	// ended with outcome new, duplicate, conflict, rejected (invalid, never
+	// reached the ledger) or error (the ledger failed) after elapsed.
+	Admitted(tenant, source, outcome string, elapsed time.Duration)
+	// Attempted: one delivery attempt of tenant's email through transport
+	// ended with outcome sent, failed, retry, in_doubt, release or
+	// abandoned after elapsed.
+	Attempted(tenant, transport, outcome string, elapsed time.Duration)
+	// Resolved: an in-doubt email of tenant was resolved with action by an
+	// operator, a rule or the policy ("operator", "rule", "policy").
+	Resolved(tenant, action, by string)
 }
 
 // DispatchConfig tunes delivery. See internal/dispatch for each default.
@@ -218,7 +219,7 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 		a, err := c.prepare(&subs[i], now)
 		if err != nil {
 			out[i].Err = err
-			c.admitted(subs[i].Source, "rejected", 0)
+			c.admitted(subs[i].Tenant, subs[i].Source, "rejected", 0)
 			c.log.Info("submission rejected", "source", subs[i].Source, "tenant", subs[i].Tenant, "key", subs[i].Key, "err", err)
 			continue
 		}
@@ -232,7 +233,7 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 	elapsed := time.Since(start)
 	if err != nil {
 		for _, a := range adms {
-			c.admitted(a.Source, "error", elapsed)
+			c.admitted(a.Tenant, a.Source, "error", elapsed)
 		}
 		return nil, fmt.Errorf("sendonce: admit: %w", err)
 	}
@@ -240,7 +241,7 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 	for j, r := range res {
 		i := idx[j]
 		out[i].Record = r.Record
-		c.admitted(adms[j].Source, r.Outcome.String(), elapsed)
+		c.admitted(adms[j].Tenant, adms[j].Source, r.Outcome.String(), elapsed)
 		if c.log.Enabled(ctx, slog.LevelDebug) {
 			c.log.Debug("submission admitted", "source", adms[j].Source, "tenant", adms[j].Tenant, "key", adms[j].Key, "message_id", r.Record.MessageID, "outcome", r.Outcome.String())
 		}
@@ -262,9 +263,9 @@ func (c *Client) SubmitBatch(ctx context.Context, subs []Submission) ([]BatchRes
 	return out, nil
 }
 
-func (c *Client) admitted(source, outcome string, elapsed time.Duration) {
+func (c *Client) admitted(tenant, source, outcome string, elapsed time.Duration) {
 	if c.cfg.Metrics != nil {
-		c.cfg.Metrics.Admitted(source, outcome, elapsed)
+		c.cfg.Metrics.Admitted(tenant, source, outcome, elapsed)
 	}
 }
 
@@ -440,7 +441,7 @@ func (c *Client) Resolve(ctx context.Context, tenant, key string, action Action,
 	}
 	c.log.Info("in-doubt email resolved", "tenant", r.Tenant, "key", r.Key, "message_id", r.MessageID, "action", action, "by", actor)
 	if c.cfg.Metrics != nil {
-		c.cfg.Metrics.Resolved(string(action), actorKind(actor))
+		c.cfg.Metrics.Resolved(r.Tenant, string(action), actorKind(actor))
 	}
 	if action == ActionResend {
 		select {
@@ -504,9 +505,9 @@ func (c *Client) Run(ctx context.Context) error {
 				res = "abandoned"
 			}
 			if m != nil {
-				m.Attempted(trName, res, e.Elapsed)
+				m.Attempted(e.Record.Tenant, trName, res, e.Elapsed)
 				if e.PolicyResent {
-					m.Resolved(string(ActionResend), "policy")
+					m.Resolved(e.Record.Tenant, string(ActionResend), "policy")
 				}
 			}
 			if obs != nil {

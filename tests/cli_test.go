@@ -2,6 +2,8 @@ package tests
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,6 +50,23 @@ func TestQuickStart(t *testing.T) {
 	out, err = runCLI(t, s, "status", "no-such-key")
 	if err == nil || !strings.Contains(out, "404") {
 		t.Fatalf("status of an unknown key: %v\n%s", err, out)
+	}
+	// The operator's views of the same server: the dashboard, the metrics
+	// after this workload, readiness.
+	for path, want := range map[string]string{
+		"/":        "<title>sendonce</title>",
+		"/readyz":  `"status":"ok"`,
+		"/metrics": `sendonce_admissions_total{outcome="duplicate",source="http"} 1`,
+	} {
+		resp, err := http.Get(s.base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), want) {
+			t.Fatalf("GET %s: %s, body lacks %q:\n%.2000s", path, resp.Status, want, body)
+		}
 	}
 	s.stop()
 	files, _ := filepath.Glob(filepath.Join(data, "maildir", "new", "*"))

@@ -382,13 +382,13 @@ func submitErrorBody(err error, key string, rec store.Record) (int, ErrorBody) {
 func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 	key, err := idempotencyKey(r)
 	if err != nil {
-		a.rejected()
+		a.rejected(r)
 		a.submitError(w, err, "", store.Record{})
 		return
 	}
 	var e sendonce.Email
 	if !a.decode(w, r, &e) {
-		a.rejected()
+		a.rejected(r)
 		return
 	}
 	c := callerOf(r)
@@ -407,9 +407,9 @@ func (a *API) submit(w http.ResponseWriter, r *http.Request) {
 }
 
 // rejected counts a submission refused before it reached the Client.
-func (a *API) rejected() {
+func (a *API) rejected(r *http.Request) {
 	if a.cfg.Metrics != nil {
-		a.cfg.Metrics.Admitted("http", "rejected", 0)
+		a.cfg.Metrics.Admitted(callerOf(r).tenant, "http", "rejected", 0)
 	}
 }
 

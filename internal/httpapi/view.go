@@ -108,15 +108,15 @@ func (a *API) events(w http.ResponseWriter, r *http.Request) {
 
 // Activity is the per-minute history the dashboard charts.
 type Activity interface {
-	LastHour() []metrics.Minute
+	LastHour(tenant string) []metrics.Minute
 }
 
 // StatsJSON is the answer of GET /v1/stats.
 type StatsJSON struct {
 	// Counts are the caller's tenant's emails per state.
 	Counts map[string]int64 `json:"counts"`
-	// Activity is this node's last hour, per minute, oldest first (every
-	// tenant; empty when the server keeps no history).
+	// Activity is the tenant's last hour on this node, per minute, oldest
+	// first (empty when the server keeps no history).
 	Activity []metrics.Minute `json:"activity"`
 	Now      time.Time        `json:"now"`
 }
@@ -134,7 +134,7 @@ func (a *API) stats(w http.ResponseWriter, r *http.Request) {
 		out.Counts[string(st)] = counts[st]
 	}
 	if a.cfg.Activity != nil {
-		out.Activity = a.cfg.Activity.LastHour()
+		out.Activity = a.cfg.Activity.LastHour(callerOf(r).tenant)
 	}
 	writeJSON(w, http.StatusOK, out)
 }

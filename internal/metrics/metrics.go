@@ -125,15 +125,16 @@ func (m *Metrics) Handler() http.Handler {
 // Activity is the per-minute history of the last hour, for the dashboard.
 func (m *Metrics) Activity() *Activity { return m.activity }
 
-// Admitted counts one submission. The latency is observed only for
+// Admitted counts one submission. The tenant only files it in the
+// dashboard's per-tenant history; it is not a label. The latency is observed only for
 // submissions that reached the ledger (rejected ones cost nothing there).
-func (m *Metrics) Admitted(source, outcome string, elapsed time.Duration) {
+func (m *Metrics) Admitted(tenant, source, outcome string, elapsed time.Duration) {
 	m.admissions.WithLabelValues(source, outcome).Inc()
 	switch outcome {
 	case "new":
-		m.activity.add(func(x *Minute) { x.Accepted++ })
+		m.activity.add(tenant, func(x *Minute) { x.Accepted++ })
 	case "duplicate":
-		m.activity.add(func(x *Minute) { x.Duplicates++ })
+		m.activity.add(tenant, func(x *Minute) { x.Duplicates++ })
 	}
 	if outcome != "rejected" {
 		m.admitLatency.WithLabelValues(source).Observe(elapsed.Seconds())
@@ -141,15 +142,15 @@ func (m *Metrics) Admitted(source, outcome string, elapsed time.Duration) {
 }
 
 // Attempted counts one finished delivery attempt.
-func (m *Metrics) Attempted(transport, outcome string, elapsed time.Duration) {
+func (m *Metrics) Attempted(tenant, transport, outcome string, elapsed time.Duration) {
 	m.deliveries.WithLabelValues(transport, outcome).Inc()
 	switch outcome {
 	case "sent":
-		m.activity.add(func(x *Minute) { x.Sent++ })
+		m.activity.add(tenant, func(x *Minute) { x.Sent++ })
 	case "failed":
-		m.activity.add(func(x *Minute) { x.Failed++ })
+		m.activity.add(tenant, func(x *Minute) { x.Failed++ })
 	case "in_doubt":
-		m.activity.add(func(x *Minute) { x.InDoubt++ })
+		m.activity.add(tenant, func(x *Minute) { x.InDoubt++ })
 	}
 	if outcome != "release" {
 		m.attempts.WithLabelValues(transport).Inc()
@@ -158,8 +159,9 @@ func (m *Metrics) Attempted(transport, outcome string, elapsed time.Duration) {
 }
 
 // Resolved counts one resolution of an in-doubt email; by is operator,
-// rule or policy.
-func (m *Metrics) Resolved(action, by string) {
+// rule or policy. The tenant is not a label: tenants are many, series
+// should be few.
+func (m *Metrics) Resolved(_, action, by string) {
 	m.resolutions.WithLabelValues(action, by).Inc()
 }
 

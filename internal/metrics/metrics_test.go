@@ -309,14 +309,23 @@ func TestReadyzAndStoreDown(t *testing.T) {
 func TestActivityPerMinute(t *testing.T) {
 	clk := &clock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
 	m := metrics.New(metrics.Config{Now: clk.Now, NoRuntime: true})
-	m.Admitted("http", "new", time.Millisecond)
-	m.Admitted("http", "duplicate", time.Millisecond)
+	m.Admitted("acme", "http", "new", time.Millisecond)
+	m.Admitted("acme", "http", "duplicate", time.Millisecond)
 	clk.Add(time.Minute)
-	m.Admitted("smtp", "new", time.Millisecond)
-	m.Attempted("maildir", "sent", time.Millisecond)
-	m.Attempted("maildir", "in_doubt", time.Millisecond)
-	m.Attempted("maildir", "failed", time.Millisecond)
-	h := m.Activity().LastHour()
+	m.Admitted("acme", "smtp", "new", time.Millisecond)
+	m.Attempted("acme", "maildir", "sent", time.Millisecond)
+	m.Attempted("acme", "maildir", "in_doubt", time.Millisecond)
+	m.Attempted("acme", "maildir", "failed", time.Millisecond)
+	m.Admitted("other", "http", "new", time.Millisecond)
+	for _, x := range m.Activity().LastHour("nobody") {
+		if x.Accepted != 0 {
+			t.Fatalf("a tenant with no activity sees %+v", x)
+		}
+	}
+	if o := m.Activity().LastHour("other"); o[60].Accepted != 1 || o[59].Accepted != 0 {
+		t.Fatalf("other tenant's history: %+v %+v", o[59], o[60])
+	}
+	h := m.Activity().LastHour("acme")
 	if len(h) != 61 {
 		t.Fatalf("%d minutes, want 61", len(h))
 	}
@@ -328,7 +337,7 @@ func TestActivityPerMinute(t *testing.T) {
 		t.Errorf("current minute: %+v", cur)
 	}
 	clk.Add(61 * time.Minute)
-	for _, x := range m.Activity().LastHour() {
+	for _, x := range m.Activity().LastHour("acme") {
 		if x.Accepted+x.Duplicates+x.Sent != 0 {
 			t.Fatalf("an hour later the history still holds %+v", x)
 		}

@@ -313,6 +313,16 @@ func TestAdmitTxExistsIffCommitted(t *testing.T) {
 	if r, err := s.Admit(ctx, []store.Admission{testAdmission("t", "committed")}); err != nil || r[0].Outcome != store.OutcomeDuplicate {
 		t.Fatalf("Admit after AdmitTx: %v, %v; want duplicate", r, err)
 	}
+	// The events trigger found its table in our schema through the
+	// application's connection, whose search_path does not name it.
+	evs, err := s.Events(ctx, "t", "committed")
+	var kinds []store.EventKind
+	for _, e := range evs {
+		kinds = append(kinds, e.Kind)
+	}
+	if err != nil || fmt.Sprint(kinds) != "[accepted duplicate attempt duplicate]" {
+		t.Fatalf("Events after AdmitTx: %v, %v", kinds, err)
+	}
 }
 
 // A concurrent duplicate in another transaction waits on the unique index

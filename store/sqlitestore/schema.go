@@ -98,8 +98,8 @@ CREATE INDEX IF NOT EXISTS emails_state_id ON emails (state, id);
 // an attempt and a resolution from a plain change of state.
 const schemaV5 = `
 CREATE TABLE IF NOT EXISTS email_events (
-	id       INTEGER PRIMARY KEY AUTOINCREMENT,
-	email_id INTEGER NOT NULL REFERENCES emails (id) ON DELETE CASCADE,
+	id       INTEGER PRIMARY KEY, -- a new row's id is above every existing one: order holds
+	email_id INTEGER NOT NULL,
 	at       INTEGER NOT NULL,
 	kind     TEXT    NOT NULL,
 	state    TEXT    NOT NULL,
@@ -109,6 +109,11 @@ CREATE TABLE IF NOT EXISTS email_events (
 );
 CREATE INDEX IF NOT EXISTS email_events_email ON email_events (email_id, id);
 
+-- Deleted with their record (the sweeper). A trigger rather than a foreign
+-- key: the key's check would cost every event insert a lookup.
+CREATE TRIGGER IF NOT EXISTS emails_events_delete AFTER DELETE ON emails BEGIN
+	DELETE FROM email_events WHERE email_id = OLD.id;
+END;
 CREATE TRIGGER IF NOT EXISTS emails_event_accepted AFTER INSERT ON emails BEGIN
 	INSERT INTO email_events (email_id, at, kind, state, attempt, fence, detail)
 	VALUES (NEW.id, NEW.created_at, 'accepted', NEW.state, NEW.attempts, NEW.fence, NEW.source);
