@@ -21,7 +21,9 @@ func TestAdmitBatch(t *testing.T) {
 	if _, err := l.Submit(ctx, sendonce.Submission{Key: "taken", Email: sendonce.Email{From: "a@example.org", To: []string{"b@example.com"}, Subject: "first"}}); err != nil {
 		t.Fatal(err)
 	}
-	mk := func(body string) *source.Delivery { return source.NewDelivery([]byte(body), source.KeyHints{}, "default", "test:q") }
+	mk := func(body string) *source.Delivery {
+		return source.NewDelivery([]byte(body), source.KeyHints{}, "default", "test:q")
+	}
 	ds := []*source.Delivery{
 		mk(`{"key": "new", "from": "a@example.org", "to": ["b@example.com"], "subject": "hi"}`),
 		mk(`{"key": "taken", "from": "a@example.org", "to": ["b@example.com"], "subject": "first"}`),
