@@ -65,6 +65,7 @@ func TestCeleryExample(t *testing.T) {
 	t.Cleanup(func() {
 		if ch, err := conn.Channel(); err == nil {
 			ch.QueueDelete(celeryQueue, false, false, false)
+			ch.ExchangeDelete(celeryQueue, false, false) // Celery declares one per queue
 			ch.Close()
 		}
 	})

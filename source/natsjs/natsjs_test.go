@@ -124,7 +124,7 @@ func (h *harness) NewSource(t testing.TB) source.Source {
 	who := fmt.Sprintf("consumer%d", h.n.Add(1))
 	s, err := New(context.Background(), Options{
 		URL: serverURL(), Stream: h.name, DeadLetterSubject: h.deadSub,
-		AckWait: time.Second, FetchWait: 200 * time.Millisecond, BatchSize: 5, ShutdownTimeout: 10 * time.Second,
+		AckWait: 2 * time.Second, FetchWait: 200 * time.Millisecond, BatchSize: 5, ShutdownTimeout: 10 * time.Second,
 		Logger: testLogger(t, who),
 	})
 	if err != nil {

@@ -319,6 +319,9 @@ func (s *Source) readOwnPending(ctx context.Context, a source.Admitter) {
 			if ctx.Err() != nil {
 				return
 			}
+			if isNoGroup(err) {
+				s.recreateGroup(ctx)
+			}
 			s.counters.Errors.Add(1)
 			s.log.Error("reading this consumer's pending entries failed; backing off", "err", err)
 			if !backoff.Wait(ctx) {

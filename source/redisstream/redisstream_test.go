@@ -381,3 +381,29 @@ func TestRedisKilledMidRun(t *testing.T) {
 		t.Errorf("%d dead letters", dl)
 	}
 }
+
+// TestGroupDestroyedWhileRunning: the consumer group disappears (XGROUP
+// DESTROY, or a Redis restarted without persistence); the source creates
+// it again from the stream's first entry, so nothing after it is missed,
+// and what it had admitted before is answered as a duplicate.
+func TestGroupDestroyedWhileRunning(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t).(*harness)
+	l := sourcetest.NewLedger(t)
+	h.Publish(t, sourcetest.Job(t, "before", "ann"), "")
+	src := h.NewSource(t)
+	r := sourcetest.Start(t, src, l)
+	sourcetest.Eventually(t, 20*time.Second, "the first job admitted", func() (bool, string) { return l.Emails() == 1, "" })
+	if err := h.rdb.XGroupDestroy(context.Background(), h.stream, DefaultGroup).Err(); err != nil {
+		t.Fatal(err)
+	}
+	h.Publish(t, sourcetest.Job(t, "after", "bob"), "")
+	sourcetest.Eventually(t, 20*time.Second, "the second job admitted, the first answered again as a duplicate", func() (bool, string) {
+		n, d := l.Count()
+		return n == 2 && d == 1, fmt.Sprintf("%d records, %d duplicates; %+v", n, d, src.(*Source).Stats())
+	})
+	r.Stop()
+	if o := h.Outstanding(t); o != 0 {
+		t.Errorf("%d outstanding", o)
+	}
+}

@@ -151,9 +151,17 @@ type Source struct {
 	queueName  string
 	dlqFIFO    bool
 	visibility time.Duration
+	counters   source.Counters
 }
 
-var _ source.Source = (*Source)(nil)
+var (
+	_ source.Source        = (*Source)(nil)
+	_ source.StatsReporter = (*Source)(nil)
+)
+
+// Stats are the source's counts so far. A message left for the queue's
+// redrive policy is not counted as dead-lettered: SQS moves it later.
+func (s *Source) Stats() source.Stats { return s.counters.Snapshot() }
 
 func (o *Options) validate() error {
 	if o.QueueURL == "" {
@@ -367,6 +375,18 @@ type message struct {
 }
 
 func (s *Source) emit(m *message, kind EventKind, err error) {
+	switch kind {
+	case EventReceived:
+		s.counters.Received.Add(1)
+	case EventAdmitted:
+		s.counters.Admitted.Add(1)
+	case EventDuplicate:
+		s.counters.Duplicates.Add(1)
+	case EventDeadLettered:
+		s.counters.DeadLettered.Add(1)
+	case EventAdmitFailed, EventDeadLetterFailed, EventDeleteFailed, EventExtendFailed:
+		s.counters.Errors.Add(1)
+	}
 	if s.opts.Observer != nil {
 		s.opts.Observer(Event{Kind: kind, MessageID: m.id, Key: m.sub.Key, ReceiveCount: m.receiveCount, Err: err})
 	}

@@ -383,6 +383,12 @@ func TestFIFOWithInvalidJobs(t *testing.T) {
 	if c := t1.count(EventDeadLettered) + t2.count(EventDeadLettered); c != len(invalid) {
 		t.Errorf("%d dead-lettered, want %d", c, len(invalid))
 	}
+	st1, st2 := src1.Stats(), src2.Stats()
+	if st1.Received+st2.Received != int64(t1.count(EventReceived)+t2.count(EventReceived)) ||
+		st1.Duplicates+st2.Duplicates != int64(dupEvents) || st1.DeadLettered+st2.DeadLettered != int64(len(invalid)) ||
+		st1.Admitted+st2.Admitted != n-crashed.Load() {
+		t.Errorf("stats %+v and %+v do not match the events: %d admitted (the batch lost after its commit is a duplicate), %d duplicates, %d dead-lettered", st1, st2, n-crashed.Load(), dupEvents, len(invalid))
+	}
 }
 
 // TestRefusesQueueWithNowhereForInvalidJobs: a queue with no redrive
