@@ -368,9 +368,13 @@ func testCrashBeforeAck(t *testing.T, h Harness) {
 	ra.Stop()
 	b := h.NewSource(t)
 	rb := Start(t, b, l)
-	Eventually(t, wait, "every job recorded and the lost batch answered as duplicates", func() (bool, string) {
+	// A may have had more than the lost batch in flight when it died
+	// (another batch admitted whose ack failed on the dead connection):
+	// B must take over every one of them, not only the lost batch.
+	Eventually(t, wait, "every job recorded, the lost batch answered as duplicates, nothing left unacknowledged", func() (bool, string) {
 		r, d := l.Count()
-		return r == n && d >= int64(lost), fmt.Sprintf("%d records, %d duplicates; A %s; B %s", r, d, stats(a), stats(b))
+		out := h.Outstanding(t)
+		return r == n && d >= int64(lost) && out == 0, fmt.Sprintf("%d records, %d duplicates, %d unacknowledged; A %s; B %s", r, d, out, stats(a), stats(b))
 	})
 	rb.Stop()
 	r, d := l.Count()
