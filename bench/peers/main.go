@@ -68,17 +68,17 @@ type Ratio struct {
 
 // Report is the whole run.
 type Report struct {
-	Started  time.Time `json:"started"`
-	Host     string    `json:"host"`
-	CPUs     int       `json:"cpus"`
-	Go       string    `json:"go"`
+	Started time.Time `json:"started"`
+	Host    string    `json:"host"`
+	CPUs    int       `json:"cpus"`
+	Go      string    `json:"go"`
 	// LoadAvg is /proc/loadavg at the start: the machine may be shared,
 	// and every phase's host CPU includes whatever else runs.
-	LoadAvg string `json:"loadavg"`
-	Options  options   `json:"options"`
-	Database string    `json:"database"`
-	Rows     []Row     `json:"rows"`
-	Ratios   []Ratio   `json:"ratios"`
+	LoadAvg  string  `json:"loadavg"`
+	Options  options `json:"options"`
+	Database string  `json:"database"`
+	Rows     []Row   `json:"rows"`
+	Ratios   []Ratio `json:"ratios"`
 }
 
 func main() {
