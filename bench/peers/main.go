@@ -38,12 +38,13 @@ type options struct {
 	PG            string        `json:"-"`
 	Redis         string        `json:"redis"`
 	Dir           string        `json:"-"`
-	Dup           bool          `json:"dup"`
+	Modes         string        `json:"modes"`
 	Only          string        `json:"only,omitempty"`
 	RiverConns    int32         `json:"river_max_conns"`
 	AsynqUnique   string        `json:"asynq_unique"`
 	JSON          bool          `json:"-"`
 	systems       map[string]bool
+	modes         map[string]bool
 	redisDurable  bool
 	redisSettings string
 }
@@ -99,7 +100,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.PG, "pg", "postgres://postgres@127.0.0.1:5432/postgres", "PostgreSQL URL with the right to create a database: the run creates its own and drops it at the end")
 	fs.StringVar(&o.Redis, "redis", "127.0.0.1:6379", "Redis address for asynq; the run uses its own queue names and deletes their keys at the end")
 	fs.StringVar(&o.Dir, "dir", "", "directory for the SQLite ledgers (the disk measured); default a new directory under $TMPDIR, removed at the end")
-	fs.BoolVar(&o.Dup, "dup", true, "also measure the duplicate-heavy variant: every key submitted twice")
+	fs.StringVar(&o.Modes, "modes", "single,batch,dup", "comma-separated modes: single (one item per call), batch (-batch items per call), dup (one per call, every key submitted twice)")
 	fs.StringVar(&o.Only, "only", "", "comma-separated systems to measure: "+strings.Join(allSystems, ", ")+" (default all)")
 	var riverConns int
 	fs.IntVar(&riverConns, "river-max-conns", 32, "River's pgx pool size (pgx's default of 4 would make the pool, not PostgreSQL, River's limit at 256 callers)")
@@ -157,14 +158,18 @@ func run(args []string, stdout, stderr io.Writer) error {
 	single, batch, dup := "single", fmt.Sprintf("batch-%d", o.Batch), "dup"
 	// Interleaved by mode, so that a change in the machine's load during the
 	// run falls on every system alike.
-	add(sysSendoncePG, single, b.sendoncePG)
-	add(sysRiver, single, b.river)
-	add(sysAsynq, single, b.asynq)
-	add(sysSendonceSQLite, single, b.sendonceSQLite)
-	add(sysSendoncePG, batch, b.sendoncePG)
-	add(sysRiver, batch, b.river)
-	add(sysSendonceSQLite, batch, b.sendonceSQLite)
-	if o.Dup {
+	if o.modes["single"] {
+		add(sysSendoncePG, single, b.sendoncePG)
+		add(sysRiver, single, b.river)
+		add(sysAsynq, single, b.asynq)
+		add(sysSendonceSQLite, single, b.sendonceSQLite)
+	}
+	if o.modes["batch"] { // asynq has no batch enqueue
+		add(sysSendoncePG, batch, b.sendoncePG)
+		add(sysRiver, batch, b.river)
+		add(sysSendonceSQLite, batch, b.sendonceSQLite)
+	}
+	if o.modes["dup"] {
 		add(sysSendoncePG, dup, b.sendoncePG)
 		add(sysRiver, dup, b.river)
 		add(sysAsynq, dup, b.asynq)
@@ -215,6 +220,14 @@ func (o *options) validate() error {
 	}
 	if u, err := url.Parse(o.PG); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
 		return fmt.Errorf("-pg is not a postgres:// URL; use one such as postgres://postgres@127.0.0.1:5432/postgres")
+	}
+	o.modes = map[string]bool{}
+	for m := range strings.SplitSeq(o.Modes, ",") {
+		m = strings.TrimSpace(m)
+		if m != "single" && m != "batch" && m != "dup" {
+			return fmt.Errorf("-modes names %q; use a comma-separated list of single, batch, dup", m)
+		}
+		o.modes[m] = true
 	}
 	o.systems = map[string]bool{}
 	if o.Only == "" {

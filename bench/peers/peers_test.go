@@ -49,6 +49,7 @@ func TestBadFlagsNameTheFlag(t *testing.T) {
 		{"-only rabbit", "-only"},
 		{"-asynq-unique maybe", "-asynq-unique"},
 		{"-pg mysql://x", "-pg"},
+		{"-modes single,twice", "-modes"},
 	} {
 		var out, errw bytes.Buffer
 		err := run(strings.Fields(tc.args), &out, &errw)
