@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -19,7 +20,7 @@ import (
 func (b *bench) asynq(ctx context.Context, mode string) (Row, error) {
 	row := Row{System: "asynq", Store: "redis", Mode: mode, Durable: b.o.redisDurable}
 	if !b.o.redisDurable {
-		row.Note = "not durable: this Redis runs with " + b.o.redisSettings + ", so an acknowledged task is lost if Redis stops"
+		row.Note = "not durable (Redis " + b.o.redisSettings + "): an acknowledged task is lost if Redis stops"
 	}
 	queue := "peers_" + b.tag + "_" + mode
 	b.queues = append(b.queues, queue)
@@ -70,7 +71,15 @@ func redisDurability(ctx context.Context, addr string) (bool, string) {
 		return v[name]
 	}
 	aof, fsync, save := get("appendonly"), get("appendfsync"), get("save")
-	settings := fmt.Sprintf("appendonly %s, appendfsync %s, save %q", aof, fsync, save)
+	ver := "?"
+	if info, err := rdb.Info(ctx, "server").Result(); err == nil {
+		for line := range strings.SplitSeq(info, "\r\n") {
+			if v, ok := strings.CutPrefix(line, "redis_version:"); ok {
+				ver = v
+			}
+		}
+	}
+	settings := fmt.Sprintf("%s: appendonly %s, appendfsync %s, save %q", ver, aof, fsync, save)
 	return aof == "yes" && fsync == "always", settings
 }
 

@@ -78,8 +78,10 @@ type Report struct {
 	LoadAvg  string  `json:"loadavg"`
 	Options  options `json:"options"`
 	Database string  `json:"database"`
-	Rows     []Row   `json:"rows"`
-	Ratios   []Ratio `json:"ratios"`
+	// Servers describes the servers' versions and durability settings.
+	Servers []string `json:"servers"`
+	Rows    []Row    `json:"rows"`
+	Ratios  []Ratio  `json:"ratios"`
 }
 
 func main() {
@@ -138,10 +140,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		defer cleanup()
 		rep.Database = db
+		rep.Servers = append(rep.Servers, b.pgSettings)
 	}
 	if o.systems[sysAsynq] {
 		b.o.redisDurable, b.o.redisSettings = redisDurability(ctx, o.Redis)
 		defer b.cleanupRedis()
+		rep.Servers = append(rep.Servers, "Redis "+b.o.redisSettings)
 	}
 
 	type phase struct {
@@ -290,6 +294,12 @@ func printTable(w io.Writer, rep *Report) {
 	o := rep.Options
 	fmt.Fprintf(w, "peers: %d callers, %s per phase, %d-byte payloads, batches of %d; %d CPUs, load average %s at the start, %s; started %s\n\n",
 		o.Concurrency, o.DurationText, o.Size, o.Batch, rep.CPUs, rep.LoadAvg, rep.Go, rep.Started.Format(time.RFC3339))
+	for _, s := range rep.Servers {
+		fmt.Fprintln(w, s)
+	}
+	if len(rep.Servers) > 0 {
+		fmt.Fprintln(w)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "system\tstore\tmode\tops\tops/s\tp50 ms\tp99 ms\tCPU s\thost CPU s\tdups\tstored\tdurable\t")
 	for _, r := range rep.Rows {

@@ -24,6 +24,8 @@ type bench struct {
 	tag    string // unique to this run: names its database, schemas, queues
 	dbURL  string // the run's own database
 	queues []string
+	// pgSettings and redisSettings describe the servers, for the report.
+	pgSettings string
 }
 
 // createDatabase makes the run's own database and returns a function that
@@ -38,6 +40,11 @@ func (b *bench) createDatabase(ctx context.Context) (string, func(), error) {
 	if _, err := admin.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
 		return "", nil, fmt.Errorf("create database %s: %w", name, err)
 	}
+	var ver, sc, fsync string
+	if err := admin.QueryRow(ctx, "SELECT current_setting('server_version'), current_setting('synchronous_commit'), current_setting('fsync')").Scan(&ver, &sc, &fsync); err != nil {
+		return "", nil, err
+	}
+	b.pgSettings = fmt.Sprintf("PostgreSQL %s, synchronous_commit %s, fsync %s", ver, sc, fsync)
 	u, _ := url.Parse(b.o.PG) // validated
 	u.Path = "/" + name
 	b.dbURL = u.String()
