@@ -43,6 +43,7 @@ type options struct {
 	RiverConns    int32         `json:"river_max_conns"`
 	AsynqUnique   string        `json:"asynq_unique"`
 	JSON          bool          `json:"-"`
+	Out           string        `json:"-"`
 	systems       map[string]bool
 	modes         map[string]bool
 	redisDurable  bool
@@ -108,6 +109,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&riverConns, "river-max-conns", 32, "River's pgx pool size (pgx's default of 4 would make the pool, not PostgreSQL, River's limit at 256 callers)")
 	fs.StringVar(&o.AsynqUnique, "asynq-unique", "taskid", "asynq's uniqueness: taskid (asynq.TaskID(key)) or unique (asynq.Unique(24h) over queue, type and payload)")
 	fs.BoolVar(&o.JSON, "json", false, "print the report as JSON instead of a table")
+	fs.StringVar(&o.Out, "out", "", "also write the report as JSON to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -197,6 +199,15 @@ func run(args []string, stdout, stderr io.Writer) error {
 	rep.Ratios = ratios(rep.Rows, single, batch, dup)
 	if ctx.Err() != nil {
 		fmt.Fprintln(stderr, "interrupted: the report covers the phases that ran")
+	}
+	if o.Out != "" {
+		data, err := json.MarshalIndent(rep, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(o.Out, append(data, '\n'), 0o644); err != nil {
+			return err
+		}
 	}
 	if o.JSON {
 		enc := json.NewEncoder(stdout)
