@@ -41,6 +41,8 @@ type options struct {
 	Modes         string        `json:"modes"`
 	Only          string        `json:"only,omitempty"`
 	RiverConns    int32         `json:"river_max_conns"`
+	AdmitWorkers  int           `json:"sendonce_admit_workers,omitempty"`
+	SendonceConns int32         `json:"sendonce_max_conns,omitempty"`
 	AsynqUnique   string        `json:"asynq_unique"`
 	JSON          bool          `json:"-"`
 	Out           string        `json:"-"`
@@ -107,6 +109,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.Only, "only", "", "comma-separated systems to measure: "+strings.Join(allSystems, ", ")+" (default all)")
 	var riverConns int
 	fs.IntVar(&riverConns, "river-max-conns", 32, "River's pgx pool size (pgx's default of 4 would make the pool, not PostgreSQL, River's limit at 256 callers)")
+	fs.IntVar(&o.AdmitWorkers, "sendonce-admit-workers", 0, "pgstore's Options.AdmitWorkers (0: the store's default)")
+	var sendonceConns int
+	fs.IntVar(&sendonceConns, "sendonce-max-conns", 0, "pgstore's Options.MaxConns (0: pgx's default)")
 	fs.StringVar(&o.AsynqUnique, "asynq-unique", "taskid", "asynq's uniqueness: taskid (asynq.TaskID(key)) or unique (asynq.Unique(24h) over queue, type and payload)")
 	fs.BoolVar(&o.JSON, "json", false, "print the report as JSON instead of a table")
 	fs.StringVar(&o.Out, "out", "", "also write the report as JSON to this file")
@@ -114,6 +119,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	o.RiverConns = int32(riverConns)
+	o.SendonceConns = int32(sendonceConns)
 	if err := o.validate(); err != nil {
 		return err
 	}
@@ -230,6 +236,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("-batch is %d; use a positive number of items per call such as 100", o.Batch)
 	case o.RiverConns <= 0:
 		return fmt.Errorf("-river-max-conns is %d; use a positive pool size such as 32", o.RiverConns)
+	case o.AdmitWorkers < 0 || o.SendonceConns < 0:
+		return fmt.Errorf("-sendonce-admit-workers and -sendonce-max-conns are %d and %d; use positive numbers, or 0 for the store's defaults", o.AdmitWorkers, o.SendonceConns)
 	case o.AsynqUnique != "taskid" && o.AsynqUnique != "unique":
 		return fmt.Errorf("-asynq-unique is %q; use taskid or unique", o.AsynqUnique)
 	}

@@ -90,7 +90,7 @@ func body(size int) string {
 func (b *bench) sendoncePG(ctx context.Context, mode string) (Row, error) {
 	row := Row{System: "sendonce", Store: "postgres", Mode: mode, Durable: true}
 	schema := "sendonce_" + strings.ReplaceAll(mode, "-", "_")
-	opts := pgstore.Options{Schema: schema}
+	opts := pgstore.Options{Schema: schema, AdmitWorkers: b.o.AdmitWorkers, MaxConns: b.o.SendonceConns}
 	if err := pgstore.Migrate(ctx, b.dbURL, opts); err != nil {
 		return row, err
 	}
