@@ -102,3 +102,15 @@ func TestLingerOutlivesItsParent(t *testing.T) {
 		t.Fatal("the lingering context did not end after its grace")
 	}
 }
+
+func TestCheckOptionsNameTheField(t *testing.T) {
+	if err := source.CheckCounts("x", map[string]int{"B": -1, "A": -2}); err == nil || err.Error() != "x: Options.A is -2; use a positive number, or 0 for the default" {
+		t.Errorf("CheckCounts: %v", err)
+	}
+	if err := source.CheckDurations("x", map[string]time.Duration{"Wait": -time.Second, "Zero": 0}); err == nil || err.Error() != "x: Options.Wait is -1s; use a positive duration, or 0 for the default" {
+		t.Errorf("CheckDurations: %v", err)
+	}
+	if source.CheckCounts("x", map[string]int{"A": 0, "B": 3}) != nil || source.CheckDurations("x", map[string]time.Duration{"A": time.Second}) != nil {
+		t.Error("valid options refused")
+	}
+}

@@ -144,16 +144,14 @@ func (o *Options) validate() error {
 			"and give the queue the same x-dead-letter-exchange argument; or set RejectWithoutDeadLetterExchange to reject them to the queue's own x-dead-letter-exchange (dropped if it has none)",
 			o.Queue, HeaderError)
 	}
-	for name, n := range map[string]int{"Prefetch": o.Prefetch, "Concurrency": o.Concurrency, "BatchSize": o.BatchSize} {
-		if n < 0 {
-			return fmt.Errorf("amqp: Options.%s is %d; use a positive number, or 0 for the default", name, n)
-		}
+	if err := source.CheckCounts("amqp", map[string]int{"Prefetch": o.Prefetch, "Concurrency": o.Concurrency, "BatchSize": o.BatchSize}); err != nil {
+		return err
 	}
 	if o.Prefetch > 65535 {
 		return fmt.Errorf("amqp: Options.Prefetch is %d; AMQP allows at most 65535", o.Prefetch)
 	}
-	if o.ReconnectMax < 0 || o.ShutdownTimeout < 0 {
-		return errors.New("amqp: Options.ReconnectMax and Options.ShutdownTimeout must not be negative; use 0 for the defaults")
+	if err := source.CheckDurations("amqp", map[string]time.Duration{"ReconnectMax": o.ReconnectMax, "ShutdownTimeout": o.ShutdownTimeout}); err != nil {
+		return err
 	}
 	return nil
 }

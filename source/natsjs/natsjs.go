@@ -137,15 +137,11 @@ func (o *Options) validate() error {
 	if o.Stream == "" {
 		return errors.New("natsjs: Options.Stream is required; name the JetStream stream that holds the jobs")
 	}
-	for name, n := range map[string]int{"Concurrency": o.Concurrency, "BatchSize": o.BatchSize, "MaxDeliver": o.MaxDeliver} {
-		if n < 0 {
-			return fmt.Errorf("natsjs: Options.%s is %d; use a positive number, or 0 for the default", name, n)
-		}
+	if err := source.CheckCounts("natsjs", map[string]int{"Concurrency": o.Concurrency, "BatchSize": o.BatchSize, "MaxDeliver": o.MaxDeliver}); err != nil {
+		return err
 	}
-	for name, d := range map[string]time.Duration{"FetchWait": o.FetchWait, "AckWait": o.AckWait, "ShutdownTimeout": o.ShutdownTimeout} {
-		if d < 0 {
-			return fmt.Errorf("natsjs: Options.%s is %v; use a positive duration, or 0 for the default", name, d)
-		}
+	if err := source.CheckDurations("natsjs", map[string]time.Duration{"FetchWait": o.FetchWait, "AckWait": o.AckWait, "ShutdownTimeout": o.ShutdownTimeout}); err != nil {
+		return err
 	}
 	if o.AckWait > 0 && o.AckWait < time.Second {
 		return fmt.Errorf("natsjs: Options.AckWait is %v; use at least 1s, so that InProgress can keep a batch", o.AckWait)

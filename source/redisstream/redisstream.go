@@ -139,15 +139,11 @@ func (o *Options) validate() error {
 	if o.DeadLetterStream == o.Stream {
 		return errors.New("redisstream: Options.DeadLetterStream is the stream itself; invalid jobs would come back forever. Use another key, or leave it empty for " + o.Stream + DeadLetterSuffix)
 	}
-	for name, n := range map[string]int{"Concurrency": o.Concurrency, "BatchSize": o.BatchSize, "MaxDeliveries": o.MaxDeliveries} {
-		if n < 0 {
-			return fmt.Errorf("redisstream: Options.%s is %d; use a positive number, or 0 for the default", name, n)
-		}
+	if err := source.CheckCounts("redisstream", map[string]int{"Concurrency": o.Concurrency, "BatchSize": o.BatchSize, "MaxDeliveries": o.MaxDeliveries}); err != nil {
+		return err
 	}
-	for name, d := range map[string]time.Duration{"Block": o.Block, "ClaimIdle": o.ClaimIdle, "ShutdownTimeout": o.ShutdownTimeout} {
-		if d < 0 {
-			return fmt.Errorf("redisstream: Options.%s is %v; use a positive duration, or 0 for the default", name, d)
-		}
+	if err := source.CheckDurations("redisstream", map[string]time.Duration{"Block": o.Block, "ClaimIdle": o.ClaimIdle, "ShutdownTimeout": o.ShutdownTimeout}); err != nil {
+		return err
 	}
 	if o.Block > 0 && o.Block < time.Millisecond {
 		return fmt.Errorf("redisstream: Options.Block is %v; Redis counts it in milliseconds, use at least 1ms", o.Block)
