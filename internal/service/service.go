@@ -128,6 +128,9 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		}
 		s.sources = append(s.sources, built)
 	}
+	if err := s.metrics.AddSources(s.sources); err != nil {
+		return nil, err
+	}
 	if len(cfg.Schedules) > 0 {
 		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
 		if err != nil {
