@@ -105,12 +105,23 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	if err != nil {
 		return nil, err
 	}
+	if len(cfg.Schedules) > 0 {
+		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
+		if err != nil {
+			return nil, err
+		}
+		s.metrics.AddSchedules(s.scheduler)
+	}
+	var schedules httpapi.Schedules
+	if s.scheduler != nil {
+		schedules = s.scheduler // not a typed nil: the API tests the interface
+	}
 	tokens := make([]httpapi.Token, len(cfg.Tokens))
 	for i, t := range cfg.Tokens {
 		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
 	}
 	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log,
-		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity()})
+		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity(), Schedules: schedules})
 	if err != nil {
 		return nil, err
 	}
@@ -130,12 +141,6 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	}
 	if err := s.metrics.AddSources(s.sources); err != nil {
 		return nil, err
-	}
-	if len(cfg.Schedules) > 0 {
-		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
-		if err != nil {
-			return nil, err
-		}
 	}
 	s.http = &http.Server{
 		Handler:           web.Handler(web.Config{API: api, AuthRequired: len(cfg.Tokens) > 0}),
