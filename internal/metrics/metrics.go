@@ -90,12 +90,12 @@ func New(cfg Config) *Metrics {
 		}, []string{"transport", "outcome"}),
 		commitBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "sendonce_store_commit_batch_size",
-			Help:    "Write requests that shared one durable commit of the embedded store (group commit).",
+			Help:    "Write requests that shared one durable commit: of every write of the SQLite store (its group commit), of the admissions of the PostgreSQL store (its admission batches).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}),
 		commitSync: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "sendonce_store_commit_duration_seconds",
-			Help:    "Time of one COMMIT of the embedded store, mostly the fsync of its write-ahead log.",
+			Help:    "Time of one COMMIT counted in sendonce_store_commit_batch_size: mostly the fsync of the write-ahead log (SQLite), or the round trip and the server's WAL flush (PostgreSQL).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
 		resolutions: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -165,7 +165,8 @@ func (m *Metrics) Resolved(_, action, by string) {
 	m.resolutions.WithLabelValues(action, by).Inc()
 }
 
-// Committed observes one commit of the embedded store.
+// Committed observes one commit of the store: a group commit of the
+// SQLite store, or an admission batch of the PostgreSQL store.
 func (m *Metrics) Committed(requests int, sync time.Duration) {
 	m.commitBatch.Observe(float64(requests))
 	m.commitSync.Observe(sync.Seconds())
