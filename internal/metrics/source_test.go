@@ -16,10 +16,12 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	amqp091 "github.com/rabbitmq/amqp091-go"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sendonce/sendonce/internal/metrics"
 	"github.com/sendonce/sendonce/source"
+	"github.com/sendonce/sendonce/source/amqp"
 	"github.com/sendonce/sendonce/source/natsjs"
 	"github.com/sendonce/sendonce/source/redisstream"
 )
@@ -245,5 +247,66 @@ func TestNATSLagOnScrape(t *testing.T) {
 	})
 	if _, ok := got["sendonce_source_lag_seconds"+label]; ok {
 		t.Errorf("sendonce_source_lag_seconds exported for NATS, which does not tell the age")
+	}
+}
+
+// With no consumer running, the lag gauge of a RabbitMQ source is the
+// queue's message count, read on a connection of its own; a queue deleted
+// under it makes the source's lag down, not zero.
+func TestAMQPLagOnScrape(t *testing.T) {
+	addr := "127.0.0.1:5672"
+	if a := os.Getenv("AMQP_ADDR"); a != "" {
+		addr = a
+	}
+	url := "amqp://guest:guest@" + addr + "/"
+	conn, err := amqp091.DialConfig(url, amqp091.Config{Dial: amqp091.DefaultDial(3 * time.Second)})
+	if err != nil {
+		skipOrFail(t, fmt.Sprintf("SKIPPED: no RabbitMQ at %s (%v); start rabbitmq-server or set AMQP_ADDR", addr, err))
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue := uniqueName("sendonce-test-lag")
+	if _, err := ch.QueueDeclare(queue, true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ch.QueueDelete(queue, false, false, false) })
+	src, err := amqp.New(t.Context(), amqp.Options{URL: url, Queue: queue, RejectWithoutDeadLetterExchange: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(metrics.Config{NoRuntime: true})
+	if err := m.AddSources([]source.Source{src}); err != nil {
+		t.Fatal(err)
+	}
+	label := `{source="` + src.Name() + `"}`
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	const n = 5
+	for i := range n {
+		dc, err := ch.PublishWithDeferredConfirmWithContext(t.Context(), "", queue, false, false,
+			amqp091.Publishing{ContentType: "application/json", DeliveryMode: amqp091.Persistent, Body: fmt.Appendf(nil, `{"n":%d}`, i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := dc.WaitContext(t.Context()); !ok || err != nil {
+			t.Fatalf("publish not confirmed: %v", err)
+		}
+	}
+	check(t, scrapeHandler(t, m.Handler()), map[string]float64{
+		"sendonce_source_lag_up" + label:           1,
+		"sendonce_source_lag_messages" + label:     n,
+		"sendonce_source_unacked_messages" + label: 0,
+	})
+	if _, err := ch.QueueDelete(queue, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	got := scrapeHandler(t, m.Handler())
+	check(t, got, map[string]float64{"sendonce_source_lag_up" + label: 0})
+	if _, ok := got["sendonce_source_lag_messages"+label]; ok {
+		t.Error("a lag exported for a queue that is gone")
 	}
 }
