@@ -59,6 +59,9 @@ type Config struct {
 	// Activity, when set, is the per-minute history GET /v1/stats returns
 	// for the dashboard's chart.
 	Activity Activity
+	// Schedules, when set, are listed with their fires' progress on GET
+	// /v1/schedules (an empty list without them).
+	Schedules Schedules
 }
 
 // API serves the HTTP API.
@@ -108,6 +111,7 @@ func New(cfg Config) (*API, error) {
 	a.handle("GET /v1/emails/{key}/events", a.auth(a.events))
 	a.handle("POST /v1/emails/{key}/resolve", a.auth(a.resolve))
 	a.handle("GET /v1/stats", a.auth(a.stats))
+	a.handle("GET /v1/schedules", a.auth(a.schedules))
 	a.handle("GET /healthz", a.healthz)
 	a.handle("GET /readyz", a.healthz)
 	if cfg.MetricsHandler != nil {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/httpapi"
+	"github.com/sendonce/sendonce/internal/schedule"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/sqlitestore"
 )
@@ -79,7 +80,8 @@ func newOAEnv(t *testing.T) *oaEnv {
 	}
 	api, err := httpapi.New(httpapi.Config{Client: c, MaxBodyBytes: 4096, MaxBatch: 2,
 		Tokens:         []httpapi.Token{{Name: "ci", Tenant: "t1", Secret: oaSecret}},
-		MetricsHandler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "up 1\n") })})
+		MetricsHandler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "up 1\n") }),
+		Schedules:      oaSchedules{st}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,6 +102,31 @@ func newOAEnv(t *testing.T) *oaEnv {
 		t.Fatal(err)
 	}
 	return e
+}
+
+// oaSchedules is one schedule of tenant t1 whose fires are read from the
+// ledger, so a closed store fails the route as it would in service.
+type oaSchedules struct{ st *sqlitestore.Store }
+
+func (s oaSchedules) Status(ctx context.Context, next int) ([]schedule.Status, error) {
+	fires, err := s.st.ListFires(ctx, store.FireFilter{Schedule: "monthly", Limit: 1})
+	if err != nil {
+		return nil, err
+	}
+	cron, err := schedule.ParseCron("0 9 1 * *")
+	if err != nil {
+		return nil, err
+	}
+	st := schedule.Status{Schedule: schedule.Schedule{Name: "monthly", Cron: cron, Location: time.UTC, Tenant: "t1", CatchUp: schedule.CatchUpSkip}}
+	st.Next = append(st.Next, cron.Next(time.Now(), time.UTC))
+	if len(fires) > 0 {
+		st.Last = &fires[0]
+	}
+	return []schedule.Status{st}, nil
+}
+
+func (s oaSchedules) Fires(ctx context.Context, f store.FireFilter) ([]store.Fire, error) {
+	return s.st.ListFires(ctx, f)
 }
 
 type oaCase struct {
@@ -161,6 +188,11 @@ func oaCases() []oaCase {
 		{route: "GET /v1/stats", status: 200, path: "/v1/stats"},
 		{route: "GET /v1/stats", status: 401, path: "/v1/stats", noAuth: true},
 		{route: "GET /v1/stats", status: 503, path: "/v1/stats", setup: closeStore},
+
+		{route: "GET /v1/schedules", status: 200, path: "/v1/schedules?fires=5"},
+		{route: "GET /v1/schedules", status: 400, why: "bad fires", path: "/v1/schedules?fires=0"},
+		{route: "GET /v1/schedules", status: 401, path: "/v1/schedules", noAuth: true},
+		{route: "GET /v1/schedules", status: 503, path: "/v1/schedules", setup: closeStore},
 
 		{route: "POST /v1/emails/{key}/resolve", status: 200, path: "/v1/emails/doubt/resolve", body: `{"action":"mark_sent"}`},
 		{route: "POST /v1/emails/{key}/resolve", status: 400, path: "/v1/emails/doubt/resolve", body: `{"action":"maybe"}`},

@@ -29,6 +29,9 @@ type Config struct {
 	Now func() time.Time
 	// ScrapeTimeout bounds the ledger queries of one scrape. Default 5s.
 	ScrapeTimeout time.Duration
+	// LagTimeout bounds the broker queries of one scrape's source lag
+	// gauges (see AddSources). Default DefaultLagTimeout.
+	LagTimeout time.Duration
 	// NoRuntime leaves out the Go runtime and process collectors (tests that
 	// compare whole expositions).
 	NoRuntime bool
@@ -37,6 +40,7 @@ type Config struct {
 // Metrics holds sendonce's collectors and their registry. Its methods are
 // safe for concurrent use and return at once.
 type Metrics struct {
+	cfg Config
 	reg *prometheus.Registry
 
 	admissions      *prometheus.CounterVec
@@ -46,7 +50,6 @@ type Metrics struct {
 	deliveryLatency *prometheus.HistogramVec
 	commitBatch     prometheus.Histogram
 	commitSync      prometheus.Histogram
-	sourceLag       *prometheus.GaugeVec
 	resolutions     *prometheus.CounterVec
 	activity        *Activity
 }
@@ -60,6 +63,7 @@ func New(cfg Config) *Metrics {
 		cfg.ScrapeTimeout = 5 * time.Second
 	}
 	m := &Metrics{
+		cfg:      cfg,
 		reg:      prometheus.NewRegistry(),
 		activity: newActivity(cfg.Now),
 		admissions: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -86,25 +90,21 @@ func New(cfg Config) *Metrics {
 		}, []string{"transport", "outcome"}),
 		commitBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "sendonce_store_commit_batch_size",
-			Help:    "Write requests that shared one durable commit of the embedded store (group commit).",
+			Help:    "Write requests that shared one durable commit: of every write of the SQLite store (its group commit), of the admissions of the PostgreSQL store (its admission batches).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}),
 		commitSync: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "sendonce_store_commit_duration_seconds",
-			Help:    "Time of one COMMIT of the embedded store, mostly the fsync of its write-ahead log.",
+			Help:    "Time of one COMMIT counted in sendonce_store_commit_batch_size: mostly the fsync of the write-ahead log (SQLite), or the round trip and the server's WAL flush (PostgreSQL).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
-		sourceLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "sendonce_source_lag_seconds",
-			Help: "Age of the last message a broker source admitted, when it was admitted: how far the consumer is behind its queue.",
-		}, []string{"source"}),
 		resolutions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sendonce_in_doubt_resolutions_total",
 			Help: "In-doubt emails resolved, by action (resend, mark_sent, fail) and by whom: operator (API, dashboard, CLI), rule (an automatic in-doubt rule) or policy (dispatch.in_doubt: resend).",
 		}, []string{"action", "by"}),
 	}
 	m.reg.MustRegister(m.admissions, m.admitLatency, m.deliveries, m.attempts, m.deliveryLatency,
-		m.commitBatch, m.commitSync, m.sourceLag, m.resolutions)
+		m.commitBatch, m.commitSync, m.resolutions)
 	if cfg.Store != nil {
 		m.reg.MustRegister(newLedgerCollector(cfg))
 	}
@@ -165,16 +165,11 @@ func (m *Metrics) Resolved(_, action, by string) {
 	m.resolutions.WithLabelValues(action, by).Inc()
 }
 
-// Committed observes one commit of the embedded store.
+// Committed observes one commit of the store: a group commit of the
+// SQLite store, or an admission batch of the PostgreSQL store.
 func (m *Metrics) Committed(requests int, sync time.Duration) {
 	m.commitBatch.Observe(float64(requests))
 	m.commitSync.Observe(sync.Seconds())
-}
-
-// SourceLag records how old the message a broker source just admitted
-// was: the hook for broker consumers.
-func (m *Metrics) SourceLag(source string, lag time.Duration) {
-	m.sourceLag.WithLabelValues(source).Set(max(lag, 0).Seconds())
 }
 
 // ledgerCollector reads the ledger at scrape time, so the gauges are the

@@ -594,6 +594,12 @@ func (s *Scheduler) Status(ctx context.Context, next int) ([]Status, error) {
 	return out, nil
 }
 
+// Fires returns recorded fires (see store.FireStore.ListFires), latest
+// scheduled instant first: what a dashboard shows of their progress.
+func (s *Scheduler) Fires(ctx context.Context, f store.FireFilter) ([]store.Fire, error) {
+	return s.cfg.Store.ListFires(ctx, f)
+}
+
 // Preview renders the email of schedule name for address, with the data
 // of that recipient's row when the source has one (found), as the next fire
 // would render it. Nothing is admitted.

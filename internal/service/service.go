@@ -62,7 +62,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	// The store's commit hook needs the metrics and the metrics' ledger
 	// gauges need the store: the hook reads s.metrics, set just below,
 	// before the first write.
-	s.store, err = OpenStore(ctx, cfg, log, func(c sqlitestore.CommitInfo) { s.metrics.Committed(c.Requests, c.Sync) })
+	s.store, err = OpenStore(ctx, cfg, log, func(requests int, commit time.Duration) { s.metrics.Committed(requests, commit) })
 	if err != nil {
 		return nil, err
 	}
@@ -105,12 +105,23 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 	if err != nil {
 		return nil, err
 	}
+	if len(cfg.Schedules) > 0 {
+		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
+		if err != nil {
+			return nil, err
+		}
+		s.metrics.AddSchedules(s.scheduler)
+	}
+	var schedules httpapi.Schedules
+	if s.scheduler != nil {
+		schedules = s.scheduler // not a typed nil: the API tests the interface
+	}
 	tokens := make([]httpapi.Token, len(cfg.Tokens))
 	for i, t := range cfg.Tokens {
 		tokens[i] = httpapi.Token{Name: t.Name, Tenant: t.Tenant, Secret: t.Secret}
 	}
 	api, err := httpapi.New(httpapi.Config{Client: s.client, Tokens: tokens, MaxBodyBytes: cfg.HTTP.MaxBodyBytes, MaxInFlight: cfg.HTTP.MaxInFlight, Logger: log,
-		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity()})
+		Metrics: s.metrics, MetricsHandler: s.metrics.Handler(), Activity: s.metrics.Activity(), Schedules: schedules})
 	if err != nil {
 		return nil, err
 	}
@@ -128,11 +139,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Service, 
 		}
 		s.sources = append(s.sources, built)
 	}
-	if len(cfg.Schedules) > 0 {
-		s.scheduler, err = NewScheduler(cfg, s.store, s.client, log)
-		if err != nil {
-			return nil, err
-		}
+	if err := s.metrics.AddSources(s.sources); err != nil {
+		return nil, err
 	}
 	s.http = &http.Server{
 		Handler:           web.Handler(web.Config{API: api, AuthRequired: len(cfg.Tokens) > 0}),
@@ -216,16 +224,26 @@ func inDoubtRules(rules []config.InDoubtRule) []sendonce.InDoubtRule {
 
 // OpenStore opens the ledger the configuration names: SQLite in the data
 // directory, or a shared PostgreSQL database. onCommit, when not nil, sees
-// every commit of the SQLite store's writer.
-func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger, onCommit func(sqlitestore.CommitInfo)) (store.Store, error) {
+// every commit of the SQLite store's writer (its group commit of every
+// write), or of the PostgreSQL store's batched admissions: how many
+// requests shared it and how long the COMMIT took.
+func OpenStore(ctx context.Context, cfg config.Config, log *slog.Logger, onCommit func(requests int, commit time.Duration)) (store.Store, error) {
 	if cfg.Store == "" {
-		st, err := sqlitestore.Open(ctx, cfg.Data, sqlitestore.Options{OnCommit: onCommit})
+		var opts sqlitestore.Options
+		if onCommit != nil {
+			opts.OnCommit = func(c sqlitestore.CommitInfo) { onCommit(c.Requests, c.Sync) }
+		}
+		st, err := sqlitestore.Open(ctx, cfg.Data, opts)
 		if err != nil {
 			return nil, err // not a typed nil: close() tests the interface
 		}
 		return st, nil
 	}
-	st, err := pgstore.Open(ctx, cfg.Store, pgstore.Options{Migrate: cfg.Migrate, Logger: log})
+	opts := pgstore.Options{Migrate: cfg.Migrate, Logger: log}
+	if onCommit != nil {
+		opts.OnCommit = func(c pgstore.CommitInfo) { onCommit(c.Requests, c.Commit) }
+	}
+	st, err := pgstore.Open(ctx, cfg.Store, opts)
 	if err != nil {
 		return nil, fmt.Errorf("store %s: %w", RedactURL(cfg.Store), err)
 	}

@@ -1,6 +1,7 @@
 // Package web is sendonce's dashboard: an overview with live counters and a
 // chart of the last hour, a searchable list of emails, an email's page with
-// its timeline and body, and the in-doubt queue with its decisions.
+// its timeline and body, the in-doubt queue with its decisions, and the
+// schedules with their fires' progress.
 //
 // It is static HTML, CSS and JavaScript embedded in the binary, served on
 // the API's port; nothing is fetched from elsewhere. Every piece of data is

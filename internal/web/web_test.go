@@ -18,6 +18,7 @@ import (
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/httpapi"
 	"github.com/sendonce/sendonce/internal/metrics"
+	"github.com/sendonce/sendonce/internal/schedule"
 	"github.com/sendonce/sendonce/internal/web"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/sqlitestore"
@@ -43,8 +44,9 @@ func (upstream) Send(ctx context.Context, msg *transport.Message, commit transpo
 }
 
 // server is `sendonce serve`'s HTTP side on a real SQLite ledger: the
-// dashboard in front of the API, with a token.
-func server(t *testing.T) (*httptest.Server, *sendonce.Client) {
+// dashboard in front of the API, with a token, and one schedule of the
+// token's tenant (its fires are run by the test).
+func server(t *testing.T) (*httptest.Server, *sendonce.Client, *schedule.Scheduler) {
 	t.Helper()
 	var m *metrics.Metrics
 	st, err := sqlitestore.Open(t.Context(), t.TempDir(), sqlitestore.Options{OnCommit: func(c sqlitestore.CommitInfo) { m.Committed(c.Requests, c.Sync) }})
@@ -58,8 +60,10 @@ func server(t *testing.T) (*httptest.Server, *sendonce.Client) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sched := newScheduler(t, st, c)
+	m.AddSchedules(sched)
 	api, err := httpapi.New(httpapi.Config{Client: c, Metrics: m, MetricsHandler: m.Handler(), Activity: m.Activity(),
-		Tokens: []httpapi.Token{{Name: "ops", Tenant: "acme", Secret: secret}}})
+		Tokens: []httpapi.Token{{Name: "ops", Tenant: "acme", Secret: secret}}, Schedules: sched})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +76,40 @@ func server(t *testing.T) (*httptest.Server, *sendonce.Client) {
 		cancel()
 		<-done
 	})
-	return srv, c
+	return srv, c, sched
+}
+
+// newScheduler has one monthly schedule of tenant acme, "newsletter", to
+// three recipients of a JSON Lines file, admitting in batches of two.
+func newScheduler(t *testing.T, st *sqlitestore.Store, c *sendonce.Client) *schedule.Scheduler {
+	t.Helper()
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	src, err := schedule.NewFileSource(write("people.jsonl", `{"email":"ann@example.net","name":"Ann"}
+{"email":"bob@example.net","name":"Bob"}
+{"email":"carol@example.net","name":"Carol"}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cron, err := schedule.ParseCron("0 9 1 * *")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sched, err := schedule.New(schedule.Config{Store: st, Submitter: c, BatchSize: 2, Schedules: []schedule.Schedule{{
+		Name: "newsletter", Cron: cron, Source: src, From: "news@example.com", Tenant: "acme",
+		Templates: schedule.TemplateFiles{Subject: write("s.tmpl", "News for {{.name}}"), Text: write("t.tmpl", "Hello {{.name}}")},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sched
 }
 
 func submit(t *testing.T, srv *httptest.Server, key string, want int) {
@@ -207,7 +244,7 @@ func counter(id, want string) string {
 // with submissions and a duplicate, search, an email's page, and an
 // in-doubt email resolved from the browser and seen resolved in the API.
 func TestDashboardInChromium(t *testing.T) {
-	srv, client := server(t)
+	srv, client, sched := server(t)
 	b := newBrowser(t)
 
 	b.do("open the dashboard", chromedp.Navigate(srv.URL+"/"))
@@ -262,6 +299,18 @@ func TestDashboardInChromium(t *testing.T) {
 	b.do("back to the overview", chromedp.Navigate(srv.URL+"/#/"))
 	b.until("nothing in doubt", counter("c-in_doubt", "0"))
 	b.until("4 sent", counter("c-sent", "4"))
+
+	b.do("the schedules", chromedp.Navigate(srv.URL+"/#/schedules"))
+	b.until("the schedule without fires", `!!document.querySelector('section[data-schedule="newsletter"] .no-fires') && document.body.dataset.ready === "schedules"`)
+	at := time.Date(2030, 1, 1, 9, 0, 0, 0, time.UTC)
+	if _, err := sched.RunFire(t.Context(), "newsletter", at, true); err != nil {
+		t.Fatal(err)
+	}
+	key := store.FireKey("newsletter", at)
+	row := fmt.Sprintf(`document.querySelector('tr[data-fire=%q]')`, key)
+	b.until("the fire done with its counts", fmt.Sprintf(`!!%[1]s && %[1]s.dataset.state === "done" && %[1]s.querySelector('[data-count="admitted"]').textContent === "3" && %[1]s.querySelector('[data-count="duplicates"]').textContent === "0"`, row))
+	b.until("a clean schedules page", rendered)
+	b.screenshot("07-schedules")
 
 	b.mu.Lock()
 	defer b.mu.Unlock()

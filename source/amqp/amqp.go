@@ -121,11 +121,13 @@ type Source struct {
 	name     string
 	counters source.Counters
 	tagSeq   atomic.Int64
+	live     atomic.Pointer[amqp091.Connection] // the consuming session's, for Lag
 }
 
 var (
 	_ source.Source        = (*Source)(nil)
 	_ source.StatsReporter = (*Source)(nil)
+	_ source.LagReporter   = (*Source)(nil)
 )
 
 func (o *Options) validate() error {
@@ -264,13 +266,67 @@ func (s *Source) Run(ctx context.Context, a source.Admitter) error {
 			continue
 		}
 		backoff.Reset()
-		if lost := s.consume(ctx, sess, a); lost != nil {
+		s.live.Store(sess.conn)
+		lost := s.consume(ctx, sess, a)
+		s.live.Store(nil)
+		if lost != nil {
 			s.counters.Errors.Add(1)
 			s.log.Warn("connection lost; the broker requeues what was not acknowledged; reconnecting", "err", lost)
 		}
 	}
 	s.log.Info("stopped")
 	return nil
+}
+
+// Lag declares the queue passively on a channel of its own (on the
+// consuming connection while Run has one, else on a connection made for
+// the call) and reports its message count: the messages ready for
+// delivery. AMQP does not tell the unacknowledged ones (only the
+// management API does), so Unacked is 0. A failed declare closes only
+// that channel, never the consuming one.
+func (s *Source) Lag(ctx context.Context) (source.Lag, error) {
+	type answer struct {
+		n   int
+		err error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		// amqp091 takes no context: the call runs on its own and ends
+		// with the connection's timeouts if ctx gives up on it first.
+		n, err := s.queueCount()
+		done <- answer{n, err}
+	}()
+	select {
+	case a := <-done:
+		if a.err != nil {
+			return source.Lag{}, fmt.Errorf("amqp: count queue %s: %w", s.opts.Queue, a.err)
+		}
+		return source.Lag{Waiting: int64(a.n)}, nil
+	case <-ctx.Done():
+		return source.Lag{}, fmt.Errorf("amqp: count queue %s: %w", s.opts.Queue, ctx.Err())
+	}
+}
+
+func (s *Source) queueCount() (int, error) {
+	conn := s.live.Load()
+	if conn == nil || conn.IsClosed() {
+		c, err := s.dial()
+		if err != nil {
+			return 0, err
+		}
+		defer c.Close()
+		conn = c
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return 0, err
+	}
+	defer ch.Close()
+	q, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+	if err != nil {
+		return 0, err
+	}
+	return q.Messages, nil
 }
 
 func waitFor(ctx context.Context, d time.Duration) bool {

@@ -128,6 +128,7 @@ type Source struct {
 var (
 	_ source.Source        = (*Source)(nil)
 	_ source.StatsReporter = (*Source)(nil)
+	_ source.LagReporter   = (*Source)(nil)
 )
 
 func (o *Options) validate() error {
@@ -279,6 +280,17 @@ func (s *Source) Name() string { return s.name }
 
 // Stats are the source's counts so far.
 func (s *Source) Stats() source.Stats { return s.counters.Snapshot() }
+
+// Lag asks the server for the consumer's info: NumPending (messages of
+// the stream not yet delivered to it) and NumAckPending (delivered, not
+// yet acknowledged). One request.
+func (s *Source) Lag(ctx context.Context) (source.Lag, error) {
+	info, err := s.cons.Info(ctx)
+	if err != nil {
+		return source.Lag{}, fmt.Errorf("natsjs: info of consumer %s of stream %s: %w", s.opts.Consumer, s.opts.Stream, err)
+	}
+	return source.Lag{Waiting: int64(info.NumPending), Unacked: int64(info.NumAckPending)}, nil
+}
 
 // Run fetches with Options.Concurrency fetchers until ctx ends, then lets
 // the batches in flight finish (see Options.ShutdownTimeout), closes its

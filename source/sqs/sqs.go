@@ -142,7 +142,8 @@ type Event struct {
 	Err          error
 }
 
-// Source consumes one SQS queue. It implements source.Source.
+// Source consumes one SQS queue. It implements source.Source and
+// source.LagReporter.
 type Source struct {
 	opts       Options
 	client     *awssqs.Client
@@ -157,6 +158,7 @@ type Source struct {
 var (
 	_ source.Source        = (*Source)(nil)
 	_ source.StatsReporter = (*Source)(nil)
+	_ source.LagReporter   = (*Source)(nil)
 )
 
 // Stats are the source's counts so far. A message left for the queue's
@@ -290,6 +292,31 @@ func New(ctx context.Context, o Options) (*Source, error) {
 }
 
 // Name is "sqs:" and the queue's name.
+// Lag reads the queue's ApproximateNumberOfMessages (waiting) and
+// ApproximateNumberOfMessagesNotVisible (received, not yet deleted): one
+// GetQueueAttributes call. SQS says both are approximate.
+func (s *Source) Lag(ctx context.Context) (source.Lag, error) {
+	out, err := s.client.GetQueueAttributes(ctx, &awssqs.GetQueueAttributesInput{
+		QueueUrl: aws.String(s.opts.QueueURL),
+		AttributeNames: []types.QueueAttributeName{
+			types.QueueAttributeNameApproximateNumberOfMessages, types.QueueAttributeNameApproximateNumberOfMessagesNotVisible,
+		},
+	})
+	if err != nil {
+		return source.Lag{}, fmt.Errorf("sqs: attributes of %s: %w", s.opts.QueueURL, err)
+	}
+	var lag source.Lag
+	for name, n := range map[types.QueueAttributeName]*int64{
+		types.QueueAttributeNameApproximateNumberOfMessages:           &lag.Waiting,
+		types.QueueAttributeNameApproximateNumberOfMessagesNotVisible: &lag.Unacked,
+	} {
+		if *n, err = strconv.ParseInt(out.Attributes[string(name)], 10, 64); err != nil {
+			return source.Lag{}, fmt.Errorf("sqs: attribute %s of %s is %q: %w", name, s.opts.QueueURL, out.Attributes[string(name)], err)
+		}
+	}
+	return lag, nil
+}
+
 func (s *Source) Name() string { return s.name }
 
 // Run receives with Options.Concurrency receivers until ctx ends, then

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -235,17 +236,30 @@ func (s *Store) runTx(reqs []*admitReq) error {
 			s.log.Info("pgstore: re-running admission batch", "try", try, "admissions", len(items), "err", err)
 		}
 		var res []store.AdmitResult
+		var commit time.Duration
 		err = func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), s.opts.WriteTimeout)
 			defer cancel()
-			return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-				var err error
-				res, err = s.admitItems(ctx, tx, items)
+			tx, err := s.pool.Begin(ctx)
+			if err != nil {
 				return err
-			})
+			}
+			defer tx.Rollback(ctx) // after a commit, a no-op
+			if res, err = s.admitItems(ctx, tx, items); err != nil {
+				return err
+			}
+			start := time.Now()
+			if err := tx.Commit(ctx); err != nil {
+				return err
+			}
+			commit = time.Since(start)
+			return nil
 		}()
 		if err == nil {
 			s.commits.Add(1)
+			if s.opts.OnCommit != nil {
+				s.opts.OnCommit(CommitInfo{Requests: len(reqs), Admissions: len(items), Commit: commit})
+			}
 			for _, r := range reqs {
 				r.res, res = res[:len(r.items):len(r.items)], res[len(r.items):]
 			}

@@ -109,6 +109,24 @@ type Options struct {
 	// WriteTimeout bounds one batch transaction: callers share it, so it
 	// cannot use any one caller's context. 0 means DefaultWriteTimeout.
 	WriteTimeout time.Duration
+	// OnCommit, when set, sees every committed transaction of the batched
+	// admissions (Admit; not AdmitTx, whose transaction is the caller's):
+	// how many Admit calls shared it and how long its COMMIT took. It is
+	// called from the AdmitWorkers batchers at once, so it must be safe for
+	// concurrent use, and it must return quickly: the callers of the batch
+	// have their answer only after it.
+	OnCommit func(CommitInfo)
+}
+
+// CommitInfo describes one committed admission transaction.
+type CommitInfo struct {
+	// Requests is how many Admit calls shared the transaction.
+	Requests int
+	// Admissions is how many emails they held together.
+	Admissions int
+	// Commit is how long the COMMIT took: the round trip and the
+	// server's WAL flush (synchronous_commit).
+	Commit time.Duration
 }
 
 func (o Options) validate() error {

@@ -337,6 +337,51 @@ async function inDoubt() {
   document.getElementById("doubt-info").textContent = page.emails.length ? `${page.emails.length} email(s) in doubt` : "Nothing is in doubt.";
 }
 
+// ---------- schedules ----------
+
+// schedules shows each schedule of the tenant with its next instants and
+// its latest fires' progress (GET /v1/schedules), refreshed while a fire
+// runs so its counts move.
+async function schedules() {
+  const box = h("div", { id: "schedules" });
+  render(h("h1", {}, "Schedules"),
+    h("p", { class: "muted" }, "Each fire admits its recipients in batches and records its cursor after each one; a fire stopped by an error is retried from there, and whatever a re-run admits again is counted as a duplicate, never sent twice."),
+    box, h("p", { class: "muted", id: "sched-updated" }));
+  const tick = async () => {
+    const s = await api("/v1/schedules");
+    box.replaceChildren(...(s.schedules.length ? s.schedules.map(scheduleSection)
+      : [h("p", { class: "muted", id: "sched-empty" }, "No schedule is configured for this tenant (see docs/scheduler.md).")]));
+    document.getElementById("sched-updated").textContent = "Updated " + fmtTime(s.now);
+  };
+  await tick();
+  timer = setInterval(() => tick().catch((e) => {
+    const u = document.getElementById("sched-updated");
+    if (u) u.textContent = "Update failed: " + e.message;
+  }), POLL_MS);
+}
+
+function scheduleSection(sc) {
+  const rows = sc.fires.map((f) => h("tr", { "data-fire": f.key, "data-state": f.state },
+    h("td", {}, fmtTime(f.scheduled_at), f.manual ? h("span", { class: "muted" }, " (manual)") : null),
+    h("td", {}, stateBadge(f.state)),
+    h("td", { class: "num", "data-count": "admitted" }, f.admitted),
+    h("td", { class: "num", "data-count": "duplicates" }, f.duplicates),
+    h("td", { class: "num", "data-count": "rejected" }, f.rejected),
+    h("td", { class: "num" }, f.attempts),
+    h("td", { class: "cursor" }, f.cursor || "start"),
+    h("td", {}, f.state === "waiting" ? `${f.last_error || ""} (retry ${fmtTime(f.next_attempt)})`
+      : f.state === "running" ? `running on ${f.owner || "?"}` : (f.last_error ? "earlier error: " + f.last_error : "")),
+    h("td", {}, fmtTime(f.finished_at || f.updated_at))));
+  return h("section", { class: "schedule", "data-schedule": sc.name },
+    h("h2", {}, sc.name),
+    h("p", { class: "muted meta" }, `${sc.cron} (${sc.time_zone}) · catch-up ${sc.catch_up} · next: `,
+      sc.next.length ? sc.next.map(fmtTime).join(", ") : "never"),
+    rows.length
+      ? h("table", {}, h("thead", {}, h("tr", {}, ["Scheduled", "State", "Admitted", "Duplicates", "Rejected", "Runs", "Cursor", "Note", "Updated"].map((c) => h("th", {}, c)))),
+        h("tbody", { class: "fire-rows" }, rows))
+      : h("p", { class: "muted no-fires" }, "No fire recorded yet."));
+}
+
 // ---------- routing ----------
 
 async function route() {
@@ -348,6 +393,7 @@ async function route() {
   let run = overview;
   if (path === "/emails") { page = "emails"; run = emails; }
   else if (path === "/in-doubt") { page = "in-doubt"; run = inDoubt; }
+  else if (path === "/schedules") { page = "schedules"; run = schedules; }
   else if (path.startsWith("/email/")) { page = "emails"; const k = decodeURIComponent(path.slice(7)); run = () => email(k); }
   for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", a.dataset.nav === page);
   document.body.dataset.page = page;
