@@ -201,14 +201,19 @@ type bencher struct {
 	// paced is set while the measured path runs, so that Rate applies to
 	// it and not to its ceilings.
 	paced bool
+	// profiled is set once the CPU profile has been taken.
+	profiled bool
 }
 
 // profile starts the CPU profile of the measured path, if one is wanted,
 // and returns the function that stops it.
 func (b *bencher) profile() (stop func(), err error) {
-	if b.opts.CPUProfile == nil {
+	// One profile a run: of the first measured phase (with --prefill, the
+	// large ledger), since a second would be appended to the same file.
+	if b.opts.CPUProfile == nil || b.profiled {
 		return func() {}, nil
 	}
+	b.profiled = true
 	if err := pprof.StartCPUProfile(b.opts.CPUProfile); err != nil {
 		return nil, fmt.Errorf("bench: cpu profile: %w", err)
 	}

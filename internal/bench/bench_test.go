@@ -2,7 +2,9 @@ package bench
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -87,7 +89,8 @@ func TestSmokeRateAndProfile(t *testing.T) {
 // against one of 10,000, and the prefilled records are really there.
 func TestSmokePrefill(t *testing.T) {
 	dir := t.TempDir()
-	rep, err := Run(context.Background(), Options{Path: PathLibrary, Prefill: 20_000, Duration: 300 * time.Millisecond, Concurrency: 4, Size: 1024, Dir: dir})
+	var prof bytes.Buffer
+	rep, err := Run(context.Background(), Options{Path: PathLibrary, Prefill: 20_000, Duration: 300 * time.Millisecond, Concurrency: 4, Size: 1024, Dir: dir, CPUProfile: &prof})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,6 +105,19 @@ func TestSmokePrefill(t *testing.T) {
 	c, err := st.Counts(context.Background(), "default")
 	if err != nil {
 		t.Fatal(err)
+	}
+	// One profile (one gzip stream), of the large ledger's phase: two
+	// concatenated would not parse.
+	zr, err := gzip.NewReader(&prof)
+	if err != nil {
+		t.Fatalf("the CPU profile is not gzip: %v", err)
+	}
+	zr.Multistream(false)
+	if _, err := io.Copy(io.Discard, zr); err != nil {
+		t.Fatal(err)
+	}
+	if prof.Len() != 0 {
+		t.Errorf("%d bytes after the CPU profile: more than one profile was written", prof.Len())
 	}
 	if c[store.StateSent] != 20_000 {
 		t.Errorf("the prefilled ledger has %d sent records, want 20000 (%+v)", c[store.StateSent], c)
