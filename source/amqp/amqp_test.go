@@ -348,6 +348,37 @@ func TestBrokerGoesAwayMidRun(t *testing.T) {
 	t.Parallel()
 	conn := needBroker(t)
 	q := newQueues(t, conn, unique("sendonce-test-restart"))
+	p := startProxy(t, brokerAddr())
+	runThroughOutages(t, q, p.addr(), func(noticed func()) {
+		p.cut()
+		noticed() // down until the source has failed to come back at least once
+		p.restore()
+	}, func() *amqp091.Connection { return conn })
+}
+
+// TestBrokerRestartMidRun: the same 10,000 jobs on a RabbitMQ node of the
+// test's own, which is killed with SIGKILL twice in the middle of the run
+// and started again on the same data: the durable queue and its
+// persistent, confirmed messages come back from disk, the source
+// reconnects, and every job is one email.
+func TestBrokerRestartMidRun(t *testing.T) {
+	t.Parallel()
+	b := startPrivateBroker(t)
+	conn := b.dial(t)
+	q := newQueues(t, conn, unique("sendonce-test-kill"))
+	runThroughOutages(t, q, b.addr, func(noticed func()) {
+		b.kill(t)
+		noticed()
+		b.start(t)
+	}, func() *amqp091.Connection { return b.dial(t) })
+}
+
+// runThroughOutages publishes 10,000 jobs, consumes them through a source
+// connected to addr, and calls outage at 3,000 and 7,000 records with a
+// function that waits until the source has noticed the broker is gone.
+// Then it checks every job is one email and the queues are empty, through
+// the connection reconnect gives.
+func runThroughOutages(t *testing.T, q *queues, addr string, outage func(noticed func()), reconnect func() *amqp091.Connection) {
 	const n = 10000
 	bodies := make([][]byte, n)
 	ids := make([]string, n)
@@ -362,10 +393,9 @@ func TestBrokerGoesAwayMidRun(t *testing.T) {
 	t.Logf("published %d jobs in %v", n, time.Since(began).Round(time.Millisecond))
 	began = time.Now()
 
-	p := startProxy(t, brokerAddr())
 	l := sourcetest.NewLedger(t)
 	src, err := New(context.Background(), Options{
-		URL: brokerURL(p.addr()), Queue: q.name, DeadLetterExchange: q.dlx,
+		URL: brokerURL(addr), Queue: q.name, DeadLetterExchange: q.dlx,
 		Prefetch: 400, Concurrency: 8, BatchSize: 50, ReconnectMax: 500 * time.Millisecond, Logger: testLogger(t, "consumer"),
 	})
 	if err != nil {
@@ -383,13 +413,11 @@ func TestBrokerGoesAwayMidRun(t *testing.T) {
 			return got >= at, fmt.Sprintf("%d records; %+v", got, src.Stats())
 		})
 		before := src.Stats().Errors
-		p.cut()
-		// Down until the source has seen the connection go and failed to
-		// come back at least once.
-		sourcetest.Eventually(t, 30*time.Second, "the source notices the broker is gone", func() (bool, string) {
-			return src.Stats().Errors >= before+2, fmt.Sprintf("%+v", src.Stats())
+		outage(func() {
+			sourcetest.Eventually(t, 30*time.Second, "the source notices the broker is gone", func() (bool, string) {
+				return src.Stats().Errors >= before+2, fmt.Sprintf("%+v", src.Stats())
+			})
 		})
-		p.restore()
 	}
 	sourcetest.Eventually(t, 3*time.Minute, "every job recorded", func() (bool, string) {
 		got := l.Emails()
@@ -408,13 +436,14 @@ func TestBrokerGoesAwayMidRun(t *testing.T) {
 		dups += rec.Duplicates
 	}
 	st := src.Stats()
-	t.Logf("%d records, %d duplicates answered (redeliveries after the cuts), in %d commits; stats %+v", len(recs), dups, batches.Load(), st)
+	t.Logf("%d records, %d duplicates answered (redeliveries after the outages), in %d commits; stats %+v", len(recs), dups, batches.Load(), st)
 	if len(recs) != n {
 		t.Errorf("%d records, want %d", len(recs), n)
 	}
 	if st.Admitted != n || st.Duplicates != dups || st.DeadLettered != 0 {
 		t.Errorf("stats %+v, want %d admitted, %d duplicates, none dead-lettered", st, n, dups)
 	}
+	q.conn = reconnect()
 	if got := q.ready(t, q.name); got != 0 {
 		t.Errorf("the queue holds %d messages, want 0", got)
 	}
