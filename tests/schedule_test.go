@@ -72,7 +72,7 @@ func listFires(t *testing.T, conn *pgx.Conn, schedule string) []fireRow {
 // none skipped, none twice.
 func TestScheduleMultiNodeKill(t *testing.T) {
 	storeURL := postgresURL(t)
-	nBig := 20000
+	nBig := 50000 // the size; about 95 s on an idle 2-core machine
 	if s := os.Getenv("SENDONCE_SCHEDULE_RECIPIENTS"); s != "" {
 		nBig, _ = strconv.Atoi(s)
 	}
