@@ -22,6 +22,7 @@ import (
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/internal/awslocal"
 	"github.com/sendonce/sendonce/source"
+	"github.com/sendonce/sendonce/source/sourcetest"
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/sqlitestore"
 )
@@ -165,7 +166,7 @@ func (f *fixture) depth(url string) (visible, inFlight, delayed int, err error) 
 // waitEmpty polls the queue's counters until nothing is left in it.
 func (f *fixture) waitEmpty(url string, within time.Duration) {
 	f.t.Helper()
-	eventually(f.t, within, "the queue is empty", func() (bool, string) {
+	sourcetest.Eventually(f.t, within, "the queue is empty", func() (bool, string) {
 		v, nv, d, err := f.depth(url)
 		return err == nil && v == 0 && nv == 0 && d == 0, fmt.Sprintf("visible %d, in flight %d, delayed %d, err %v", v, nv, d, err)
 	})
@@ -222,25 +223,6 @@ func (r *running) stop() {
 			r.t.Errorf("%s: Run did not return within 30s of the cancel", r.src.Name())
 		}
 	})
-}
-
-// eventually polls cond until it holds, or fails the test at the deadline
-// with cond's last description.
-func eventually(t *testing.T, within time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		ok, desc := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v: %s", what, within, desc)
-		}
-		<-tick.C
-	}
 }
 
 // tally counts a source's events.

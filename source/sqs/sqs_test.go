@@ -18,6 +18,7 @@ import (
 
 	"github.com/sendonce/sendonce"
 	"github.com/sendonce/sendonce/source"
+	"github.com/sendonce/sendonce/source/sourcetest"
 )
 
 // reminderJob is the body of the incident's cron task for one user.
@@ -301,7 +302,7 @@ func TestFIFOWithInvalidJobs(t *testing.T) {
 	}
 	run(t, src2, f.client)
 	f.waitEmpty(url, 30*time.Second)
-	eventually(t, 10*time.Second, "every valid job recorded", func() (bool, string) {
+	sourcetest.Eventually(t, 10*time.Second, "every valid job recorded", func() (bool, string) {
 		r := f.records()
 		return len(r) == n, fmt.Sprintf("%d records", len(r))
 	})
@@ -325,7 +326,7 @@ func TestFIFOWithInvalidJobs(t *testing.T) {
 
 	// The dead-letter queue holds each invalid job once, with its reason.
 	got := map[string]string{}
-	eventually(t, 20*time.Second, "every invalid job on the dead-letter queue", func() (bool, string) {
+	sourcetest.Eventually(t, 20*time.Second, "every invalid job on the dead-letter queue", func() (bool, string) {
 		out, err := f.sqs.ReceiveMessage(ctx, &awssqs.ReceiveMessageInput{QueueUrl: aws.String(dlq), MaxNumberOfMessages: 10, MessageAttributeNames: []string{"All"}})
 		if err != nil {
 			return false, err.Error()
@@ -474,7 +475,7 @@ func TestStoreDownDeletesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, src, flaky)
-	eventually(t, 20*time.Second, "admissions fail", func() (bool, string) {
+	sourcetest.Eventually(t, 20*time.Second, "admissions fail", func() (bool, string) {
 		return tl.count(EventAdmitFailed) >= 20, tl.String()
 	})
 	if c := tl.count(EventDeleted); c != 0 {

@@ -81,18 +81,7 @@ func (s *Store) ClaimFire(ctx context.Context, c store.FireClaim) (store.Fire, e
 }
 
 func (s *Store) casFire(ctx context.Context, what string, l store.FireLease, query string, args ...any) error {
-	if s.closed.Load() {
-		return store.ErrClosed
-	}
-	op := fmt.Sprintf("%s %q/%d", what, l.Key, l.Fence)
-	tag, err := s.pool.Exec(ctx, s.q.expand(query), args...)
-	if err != nil {
-		return s.interpretError(op, err)
-	}
-	if tag.RowsAffected() == 0 {
-		return fmt.Errorf("pgstore: %s: %w", op, store.ErrLeaseLost)
-	}
-	return nil
+	return s.cas(ctx, fmt.Sprintf("%s %q/%d", what, l.Key, l.Fence), query, args...)
 }
 
 // RenewFire extends a held fire lease.

@@ -69,10 +69,15 @@ func (s *Store) Claim(ctx context.Context, req store.ClaimRequest) ([]store.Reco
 // lease is lost. A concurrent claim of the same row makes the update wait
 // and re-check the new row version, whose fence has moved.
 func (s *Store) casLease(ctx context.Context, what string, l store.Lease, query string, args ...any) error {
+	return s.cas(ctx, fmt.Sprintf("%s %d/%d", what, l.ID, l.Fence), query, args...)
+}
+
+// cas runs a compare-and-set update of a held lease, of an email or a
+// fire; op names it in errors. No row updated means the lease is lost.
+func (s *Store) cas(ctx context.Context, op string, query string, args ...any) error {
 	if s.closed.Load() {
 		return store.ErrClosed
 	}
-	op := fmt.Sprintf("%s %d/%d", what, l.ID, l.Fence)
 	tag, err := s.pool.Exec(ctx, s.q.expand(query), args...)
 	if err != nil {
 		return s.interpretError(op, err)

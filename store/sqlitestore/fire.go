@@ -80,21 +80,7 @@ func (s *Store) ClaimFire(ctx context.Context, c store.FireClaim) (store.Fire, e
 
 // casFire runs a compare-and-set update on a held fire lease.
 func (s *Store) casFire(ctx context.Context, what string, l store.FireLease, query string, args ...any) error {
-	_, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
-		res, err := tx.ExecContext(ctx, query, args...)
-		if err != nil {
-			return answer{}, fmt.Errorf("sqlitestore: %s %q/%d: %w", what, l.Key, l.Fence, err)
-		}
-		n, err := res.RowsAffected()
-		if err != nil {
-			return answer{}, fmt.Errorf("sqlitestore: %s %q/%d: %w", what, l.Key, l.Fence, err)
-		}
-		if n == 0 {
-			return answer{err: fmt.Errorf("sqlitestore: %s %q/%d: %w", what, l.Key, l.Fence, store.ErrLeaseLost)}, nil
-		}
-		return answer{}, nil
-	})
-	return err
+	return s.cas(ctx, fmt.Sprintf("%s %q/%d", what, l.Key, l.Fence), query, args...)
 }
 
 // RenewFire extends a held fire lease.

@@ -179,17 +179,23 @@ func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]store.Record
 // (state sending, same fence, unexpired at now); no row updated means the
 // lease is lost.
 func (s *Store) casLease(ctx context.Context, what string, l store.Lease, query string, args ...any) error {
+	return s.cas(ctx, fmt.Sprintf("%s %d/%d", what, l.ID, l.Fence), query, args...)
+}
+
+// cas runs a compare-and-set update of a held lease, of an email or a
+// fire; op names it in errors. No row updated means the lease is lost.
+func (s *Store) cas(ctx context.Context, op string, query string, args ...any) error {
 	_, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
 		res, err := tx.ExecContext(ctx, query, args...)
 		if err != nil {
-			return answer{}, fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, err)
+			return answer{}, fmt.Errorf("sqlitestore: %s: %w", op, err)
 		}
 		n, err := res.RowsAffected()
 		if err != nil {
-			return answer{}, fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, err)
+			return answer{}, fmt.Errorf("sqlitestore: %s: %w", op, err)
 		}
 		if n == 0 {
-			return answer{err: fmt.Errorf("sqlitestore: %s %d/%d: %w", what, l.ID, l.Fence, store.ErrLeaseLost)}, nil
+			return answer{err: fmt.Errorf("sqlitestore: %s: %w", op, store.ErrLeaseLost)}, nil
 		}
 		return answer{}, nil
 	})
