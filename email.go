@@ -289,26 +289,26 @@ func (n *normalized) render(messageID string, date time.Time) ([]byte, error) {
 	h.SetAddressList("From", toGoMessage([]*mail.Address{n.from}))
 	h.SetDate(date)
 	var buf bytes.Buffer
-	part := func(w io.WriteCloser, s string) error {
+	// encode decides a body's transfer encoding once, on the body as it
+	// will be written (ending with a line break, RFC 5322 §2.3). Short
+	// ASCII lines go as 7bit, readable and without the cost of
+	// quoted-printable (a sixth of an admission's CPU for a 4 KiB body),
+	// with CRLF line ends since no encoder will add them; anything else
+	// keeps go-message's quoted-printable.
+	encode := func(s string) (cte, body string) {
 		if !strings.HasSuffix(s, "\n") {
-			s += "\n" // a message ends with a line break (RFC 5322 §2.3)
+			s += "\n"
 		}
 		if plain7bit(s) {
-			s = crlf(s) // written as is: no encoder to turn LF into CRLF
+			return "7bit", crlf(s)
 		}
-		if _, err := io.WriteString(w, s); err != nil {
+		return "quoted-printable", s
+	}
+	part := func(w io.WriteCloser, body string) error {
+		if _, err := io.WriteString(w, body); err != nil {
 			return err
 		}
 		return w.Close()
-	}
-	// A body of short ASCII lines goes as 7bit, readable and without the
-	// cost of quoted-printable (a sixth of an admission's CPU for a 4 KiB
-	// body); anything else keeps go-message's quoted-printable.
-	cte := func(s string) string {
-		if plain7bit(s) {
-			return "7bit"
-		}
-		return "quoted-printable"
 	}
 	switch {
 	case n.HTML != "" && n.Text != "":
@@ -317,14 +317,15 @@ func (n *normalized) render(messageID string, date time.Time) ([]byte, error) {
 			return nil, err
 		}
 		for _, p := range []struct{ ct, body string }{{"text/plain", n.Text}, {"text/html", n.HTML}} {
+			cte, body := encode(p.body)
 			var ph gomail.InlineHeader
 			ph.SetContentType(p.ct, map[string]string{"charset": "utf-8"})
-			ph.Set("Content-Transfer-Encoding", cte(p.body))
+			ph.Set("Content-Transfer-Encoding", cte)
 			pw, err := w.CreatePart(ph)
 			if err != nil {
 				return nil, err
 			}
-			if err := part(pw, p.body); err != nil {
+			if err := part(pw, body); err != nil {
 				return nil, err
 			}
 		}
@@ -336,8 +337,9 @@ func (n *normalized) render(messageID string, date time.Time) ([]byte, error) {
 		if n.HTML != "" {
 			ct, body = "text/html", n.HTML
 		}
+		cte, body := encode(body)
 		h.SetContentType(ct, map[string]string{"charset": "utf-8"})
-		h.Set("Content-Transfer-Encoding", cte(body))
+		h.Set("Content-Transfer-Encoding", cte)
 		w, err := gomail.CreateSingleInlineWriter(&buf, h)
 		if err != nil {
 			return nil, err

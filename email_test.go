@@ -195,6 +195,7 @@ func TestRenderTransferEncoding(t *testing.T) {
 		{"long-line", strings.Repeat("x", 999), "quoted-printable"},
 		{"998", strings.Repeat("x", 998), "7bit"},
 		{"lone-cr", "a\rb", "quoted-printable"},
+		{"trailing-space-at-end", "Hello Ann ", "quoted-printable"}, // the line break is added before deciding
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := validEmail()
