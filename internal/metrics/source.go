@@ -125,8 +125,11 @@ func (c *sourceCollector) collectLag(ch chan<- prometheus.Metric) {
 		}
 		pending[w] = true
 		go func() {
-			defer w.busy.Store(false)
 			lag, err := w.lag.Lag(ctx)
+			// Free the source before answering: the next scrape may start
+			// the moment this one has its answers, and must not find the
+			// source still busy with a call that has ended.
+			w.busy.Store(false)
 			answers <- answer{w, lag, err}
 		}()
 	}

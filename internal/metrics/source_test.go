@@ -128,6 +128,26 @@ func TestSourceCollector(t *testing.T) {
 	check(t, got, map[string]float64{`sendonce_source_lag_up{source="amqp:hung"}`: 0, `sendonce_source_lag_up{source="redis:emails"}`: 1})
 }
 
+// A scrape that follows another at once finds a source whose last Lag
+// call has answered free to be asked again: one answered call never makes
+// the next scrape report the broker down.
+func TestBackToBackScrapes(t *testing.T) {
+	m := metrics.New(metrics.Config{NoRuntime: true})
+	src := lagSource{&fakeSource{name: "nats:quick", lag: func(context.Context) (source.Lag, error) {
+		return source.Lag{Waiting: 3}, nil
+	}}}
+	if err := m.AddSources([]source.Source{src}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2000 {
+		got := scrapeHandler(t, m.Handler())
+		if got[`sendonce_source_lag_up{source="nats:quick"}`] != 1 || got[`sendonce_source_lag_messages{source="nats:quick"}`] != 3 {
+			t.Fatalf("scrape %d: lag_up = %v, lag_messages = %v; want 1 and 3", i,
+				got[`sendonce_source_lag_up{source="nats:quick"}`], got[`sendonce_source_lag_messages{source="nats:quick"}`])
+		}
+	}
+}
+
 func uniqueName(prefix string) string {
 	var b [6]byte
 	rand.Read(b[:])
