@@ -146,11 +146,11 @@ func prefillSQLite(ctx context.Context, dir string, n int) error {
 		to := min(n, from+chunk) - 1
 		if _, err := db.ExecContext(ctx, `INSERT INTO emails
 			(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
-			 attempts, next_attempt, created_at, updated_at, sent_at, data)
+			 attempts, next_attempt, created_at, updated_at, sent_at)
 			WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?)
 			SELECT 'default', printf('lib%016x', x * ?), 'v1:prefill', printf('<prefill.%d@example.com>', x),
 				'bench@example.com', '["rcpt@example.com"]', 'Your receipt', '{"campaign":"bench"}', '', 'sent',
-				1, 0, ?, ?, ?, x''
+				1, 0, ?, ?, ?
 			FROM c`, from, to, step, now, now, now); err != nil {
 			return fmt.Errorf("bench: prefill: %w", err)
 		}
@@ -249,23 +249,32 @@ func (b *bencher) ceilingSQLite(ctx context.Context) (Row, error) {
 	db.SetMaxOpenConns(1)
 	data := make([]byte, b.opts.Size+600) // the rendered message: body and headers
 	// Prepared once, as the store prepares its own statements.
+	// The record, then its message in email_bodies, as the store writes them.
 	ins, err := db.PrepareContext(ctx, `INSERT INTO emails
 		(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
-		 next_attempt, created_at, updated_at, data)
-		VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1, ?)`)
+		 next_attempt, created_at, updated_at)
+		VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1)`)
 	if err != nil {
 		return Row{}, err
 	}
 	defer ins.Close()
+	body, err := db.PrepareContext(ctx, `INSERT INTO email_bodies (id, data) VALUES (last_insert_rowid(), ?)`)
+	if err != nil {
+		return Row{}, err
+	}
+	defer body.Close()
 	g := startGroupCommit(1, sqlitestore.DefaultMaxBatch, func(keys []string) error {
 		tx, err := db.Begin()
 		if err != nil {
 			return err
 		}
 		defer tx.Rollback()
-		st := tx.Stmt(ins)
+		st, bst := tx.Stmt(ins), tx.Stmt(body)
 		for _, k := range keys {
-			if _, err := st.Exec(k, data); err != nil {
+			if _, err := st.Exec(k); err != nil {
+				return err
+			}
+			if _, err := bst.Exec(data); err != nil {
 				return err
 			}
 		}

@@ -72,7 +72,8 @@ func (s *Store) Message(ctx context.Context, tenant, key string) ([]byte, error)
 		return nil, store.ErrClosed
 	}
 	var data []byte
-	err := s.rdb.QueryRowContext(ctx, "SELECT data FROM emails WHERE tenant = ? AND idem_key = ?", tenant, key).Scan(&data)
+	err := s.rdb.QueryRowContext(ctx, `SELECT coalesce(b.data, x'') FROM emails e LEFT JOIN email_bodies b ON b.id = e.id
+		WHERE e.tenant = ? AND e.idem_key = ?`, tenant, key).Scan(&data)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("sqlitestore: message %q: %w", key, store.ErrNotFound)
 	}

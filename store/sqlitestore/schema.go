@@ -9,7 +9,7 @@ import (
 // schemaVersion is stored in PRAGMA user_version. A database with a higher
 // version was written by a newer sendonce and is refused rather than
 // misread.
-const schemaVersion = 5
+const schemaVersion = 6
 
 // The ledger is one table: the dedup ledger (UNIQUE (tenant, idem_key)), the
 // outbox (the due and lease indexes the dispatcher claims from) and the
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS emails (
 	updated_at   INTEGER NOT NULL,
 	sent_at      INTEGER NOT NULL DEFAULT 0,
 	resolved_by  TEXT    NOT NULL DEFAULT '',
-	data         BLOB    NOT NULL,
+	data         BLOB    NOT NULL, -- moved to email_bodies by schemaV6
 	UNIQUE (tenant, idem_key)
 );
 -- Due queued records, oldest due first.
@@ -145,6 +145,24 @@ WHEN OLD.state = 'in_doubt' AND NEW.state != 'in_doubt' AND NEW.fence != OLD.fen
 END;
 `
 
+// schemaV6 moves the stored message out of the record into a table of its
+// own. SQLite writes a whole row on every UPDATE: with the message in the
+// record, each claim, commit marker and completion rewrote its kilobytes
+// and their overflow pages. The record is now small and changes; the
+// message is written once at admission and deleted when purged or swept.
+// A ledger migrated from an older schema is rewritten once (DROP COLUMN).
+const schemaV6 = `
+CREATE TABLE IF NOT EXISTS email_bodies (
+	id   INTEGER PRIMARY KEY, -- the record's id
+	data BLOB    NOT NULL
+);
+INSERT INTO email_bodies (id, data) SELECT id, data FROM emails WHERE length(data) > 0;
+ALTER TABLE emails DROP COLUMN data;
+CREATE TRIGGER IF NOT EXISTS emails_body_delete AFTER DELETE ON emails BEGIN
+	DELETE FROM email_bodies WHERE id = OLD.id;
+END;
+`
+
 func migrate(ctx context.Context, db *sql.DB, path string) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
@@ -161,7 +179,7 @@ func migrate(ctx context.Context, db *sql.DB, path string) error {
 	if v == schemaVersion {
 		return nil
 	}
-	for i, ddl := range []string{schemaV1, schemaV2, schemaV3, schemaV4, schemaV5}[v:] {
+	for i, ddl := range []string{schemaV1, schemaV2, schemaV3, schemaV4, schemaV5, schemaV6}[v:] {
 		if _, err := tx.ExecContext(ctx, ddl); err != nil {
 			return fmt.Errorf("sqlitestore: open %s: migrate to schema %d: %w", path, v+i+1, err)
 		}

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/sendonce/sendonce/store"
 	"github.com/sendonce/sendonce/store/storetest"
@@ -196,6 +197,94 @@ func TestPragmas(t *testing.T) {
 	var v int
 	if err := s.rdb.QueryRowContext(t.Context(), "PRAGMA user_version").Scan(&v); err != nil || v != schemaVersion {
 		t.Fatalf("user_version %d (%v), want %d", v, err, schemaVersion)
+	}
+}
+
+// A ledger written by schema 5, with the message inside the record, opens
+// under schema 6 with every message moved to email_bodies: the queued
+// record is claimed with its message, the purged one stays empty, and the
+// record's columns are unchanged.
+func TestMigrateMessagesOutOfTheRecord(t *testing.T) {
+	dir := t.TempDir()
+	db, err := sql.Open("sqlite", dsn(filepath.Join(dir, DBFile), time.Second, false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ddl := range []string{schemaV1, schemaV2, schemaV3, schemaV4, schemaV5, "PRAGMA user_version = 5"} {
+		if _, err := db.Exec(ddl); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range []struct{ key, state, data string }{{"queued", "queued", "Subject: kept\r\n\r\nbody\r\n"}, {"purged", "sent", ""}} {
+		if _, err := db.Exec(`INSERT INTO emails (tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags,
+			source, state, next_attempt, created_at, updated_at, data)
+			VALUES ('t', ?, 'fp', '<'||?||'@x>', 'a@example.com', '["b@example.com"]', 's', '{}', 'api', ?, 1, 1, 1, ?)`,
+			r.key, r.key, r.state, []byte(r.data)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+
+	s := mustOpen(t, dir)
+	for key, want := range map[string]string{"queued": "Subject: kept\r\n\r\nbody\r\n", "purged": ""} {
+		got, err := s.Message(t.Context(), "t", key)
+		if err != nil || string(got) != want {
+			t.Errorf("Message(%s) = %q, %v; want %q", key, got, err, want)
+		}
+	}
+	recs, err := s.Claim(t.Context(), store.ClaimRequest{Owner: "n", Now: time.Unix(0, 2), Lease: time.Minute, Limit: 10})
+	if err != nil || len(recs) != 1 || recs[0].Key != "queued" || string(recs[0].Data) != "Subject: kept\r\n\r\nbody\r\n" || recs[0].From != "a@example.com" {
+		t.Fatalf("claim after migration: %+v, %v; want the queued record with its message", recs, err)
+	}
+	var cols int
+	if err := s.rdb.QueryRow("SELECT count(*) FROM pragma_table_info('emails') WHERE name = 'data'").Scan(&cols); err != nil || cols != 0 {
+		t.Errorf("emails.data still there after migration (%d, %v)", cols, err)
+	}
+}
+
+// Purging a final record's message deletes its row in email_bodies, and
+// the sweeper's deletion of a record takes its message along.
+func TestBodiesFollowTheirRecords(t *testing.T) {
+	s := mustOpen(t, t.TempDir())
+	ctx := t.Context()
+	now := time.Unix(100, 0)
+	for _, k := range []string{"a", "b"} {
+		if _, err := s.Admit(ctx, []store.Admission{{Tenant: "t", Key: k, Fingerprint: "f", MessageID: "<" + k + "@x>",
+			From: "a@example.com", To: []string{"b@example.com"}, Data: []byte("body " + k), Now: now}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bodies := func() int {
+		var n int
+		if err := s.rdb.QueryRow("SELECT count(*) FROM email_bodies").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := bodies(); n != 2 {
+		t.Fatalf("%d bodies after two admissions, want 2", n)
+	}
+	recs, err := s.Claim(ctx, store.ClaimRequest{Owner: "n", Now: now, Lease: time.Minute, Limit: 2})
+	if err != nil || len(recs) != 2 {
+		t.Fatalf("claim: %d, %v", len(recs), err)
+	}
+	for _, r := range recs {
+		l := store.Lease{ID: r.ID, Fence: r.Fence}
+		if err := s.MarkCommitting(ctx, l, now); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Complete(ctx, store.Completion{Lease: l, Result: store.ResultSent, Now: now, PurgeData: r.Key == "a"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := bodies(); n != 1 {
+		t.Fatalf("%d bodies after purging one, want 1", n)
+	}
+	if n, err := s.Sweep(ctx, now.Add(time.Hour), 10); err != nil || n != 2 {
+		t.Fatalf("sweep: %d, %v; want 2", n, err)
+	}
+	if n := bodies(); n != 0 {
+		t.Fatalf("%d bodies after the sweep, want 0", n)
 	}
 }
 

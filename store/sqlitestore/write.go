@@ -58,22 +58,23 @@ func admitOne(ctx context.Context, tx *wtx, a store.Admission, to, tags string) 
 	if next.IsZero() {
 		next = a.Now
 	}
-	data := a.Data
-	if data == nil {
-		data = []byte{}
-	}
 	now := nanos(a.Now)
 	var id int64
 	err := tx.QueryRowContext(ctx, `INSERT INTO emails
 		(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
-		 next_attempt, created_at, updated_at, data)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)
+		 next_attempt, created_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)
 		ON CONFLICT (tenant, idem_key) DO NOTHING
 		RETURNING id`,
 		a.Tenant, a.Key, a.Fingerprint, a.MessageID, a.From, to, a.Subject, tags, a.Source,
-		nanos(next), now, now, data).Scan(&id)
+		nanos(next), now, now).Scan(&id)
 	switch {
 	case err == nil:
+		if len(a.Data) > 0 {
+			if _, err := tx.ExecContext(ctx, "INSERT INTO email_bodies (id, data) VALUES (?, ?)", id, a.Data); err != nil {
+				return store.AdmitResult{}, err
+			}
+		}
 		// Rebuild the record as stored, so the times match a later Get.
 		r := store.Record{
 			ID: id, Tenant: a.Tenant, Key: a.Key, Fingerprint: a.Fingerprint, MessageID: a.MessageID,
@@ -166,7 +167,8 @@ func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]store.Record
 	for _, id := range ids {
 		r, err := scanRecord(tx.QueryRowContext(ctx, `UPDATE emails SET state = 'sending', fence = fence + 1,
 			lease_owner = ?, lease_expiry = ?, committing = 0, attempts = attempts + 1, updated_at = ?
-			WHERE id = ? RETURNING `+recordCols+`, data`, req.Owner, expiry, now, id), true)
+			WHERE id = ? RETURNING `+recordCols+`, (SELECT data FROM email_bodies WHERE email_bodies.id = emails.id)`,
+			req.Owner, expiry, now, id), true)
 		if err != nil {
 			return nil, err
 		}
@@ -248,6 +250,11 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 		if _, err := tx.ExecContext(ctx, q+" WHERE id = ? AND fence = ?", append(args, c.Lease.ID, c.Lease.Fence)...); err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
 		}
+		if c.PurgeData && (c.Result == store.ResultSent || c.Result == store.ResultFailed) {
+			if _, err := tx.ExecContext(ctx, "DELETE FROM email_bodies WHERE id = ?", c.Lease.ID); err != nil {
+				return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: purge the message: %w", c.Lease.ID, c.Lease.Fence, err)
+			}
+		}
 		return answer{}, nil
 	})
 	return err
@@ -265,16 +272,12 @@ func completion(c store.Completion, state store.State, fence int64, committing b
 	if retryAt.IsZero() {
 		retryAt = c.Now
 	}
-	purge := ""
-	if c.PurgeData {
-		purge = ", data = x''"
-	}
 	switch c.Result {
 	case store.ResultSent:
-		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0` + purge,
+		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0`,
 			[]any{c.Reply, now, now}, nil
 	case store.ResultFailed:
-		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0` + purge,
+		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
 			[]any{c.Error, c.Reply, now}, nil
 	case store.ResultRetry:
 		return `UPDATE emails SET state = 'queued', last_error = ?, reply = ?, next_attempt = ?, committing = 0,
