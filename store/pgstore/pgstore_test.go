@@ -881,3 +881,39 @@ func TestAdmitRacingSweepIsRetried(t *testing.T) {
 		t.Errorf("%d batch retries, want 1", r)
 	}
 }
+
+// Messages are compressed with lz4 when the server has it, and a message
+// that compresses still reads back byte for byte.
+func TestMessagesCompressedWithLZ4(t *testing.T) {
+	t.Parallel()
+	s := openFresh(t)
+	ctx := t.Context()
+	var lz4 bool
+	if err := s.pool.QueryRow(ctx, "SELECT count(*) > 0 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)").Scan(&lz4); err != nil {
+		t.Fatal(err)
+	}
+	var method string
+	if err := s.pool.QueryRow(ctx, `SELECT coalesce(attcompression::text, '') FROM pg_attribute
+		WHERE attrelid = $1::regclass AND attname = 'data'`, s.q.emails).Scan(&method); err != nil {
+		t.Fatal(err)
+	}
+	if want := map[bool]string{true: "l", false: ""}[lz4]; method != want {
+		t.Errorf("data's compression method %q, want %q (server has lz4: %v)", method, want, lz4)
+	}
+	a := testAdmission("t", "compressible")
+	a.Data = []byte(strings.Repeat("Subject: the same line again and again\r\n", 200))
+	if _, err := s.Admit(ctx, []store.Admission{a}); err != nil {
+		t.Fatal(err)
+	}
+	var stored int
+	if err := s.pool.QueryRow(ctx, "SELECT pg_column_size(data) FROM "+s.q.emails+" WHERE idem_key = 'compressible'").Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	if stored >= len(a.Data)/2 {
+		t.Errorf("%d bytes stored for a message of %d that compresses well", stored, len(a.Data))
+	}
+	got, err := s.Message(ctx, "t", "compressible")
+	if err != nil || string(got) != string(a.Data) {
+		t.Fatalf("Message: %d bytes, %v; want the %d bytes admitted", len(got), err, len(a.Data))
+	}
+}
