@@ -13,9 +13,10 @@ import (
 	"github.com/sendonce/sendonce/store/sqlitestore"
 )
 
-// benchEmail is a receipt with a 4 KiB text body, the shape the bench uses.
+// benchEmail is a receipt with a 4 KiB text body, the shape the bench
+// uses: plain ASCII lines, sent as 7bit.
 func benchEmail() Email {
-	line := strings.Repeat("sendonce bench ", 6)[:75] + "\n"
+	line := strings.Repeat("sendonce bench ", 5)[:74] + ".\n"
 	return Email{
 		From:    "Bench <bench@example.com>",
 		To:      []string{"rcpt@example.com"},
@@ -55,6 +56,29 @@ func BenchmarkRender(b *testing.B) {
 		}
 		if _, err := n.render(mid, now); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRenderQuotedPrintable is the same build for a body whose lines
+// end in a space, which 7bit cannot carry: it is quoted-printable encoded.
+func BenchmarkRenderQuotedPrintable(b *testing.B) {
+	e := benchEmail()
+	e.Text = strings.ReplaceAll(e.Text, ".\n", ". \n")
+	now := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+	mid := MessageID("default", "k", "example.com")
+	b.ReportAllocs()
+	for b.Loop() {
+		n, err := e.normalize()
+		if err != nil {
+			b.Fatal(err)
+		}
+		m, err := n.render(mid, now)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if !bytes.Contains(m, []byte("quoted-printable")) {
+			b.Fatal("body not quoted-printable")
 		}
 	}
 }

@@ -185,6 +185,46 @@ func TestRender(t *testing.T) {
 // TestRenderTransferEncoding: short ASCII lines go as 7bit with CRLF line
 // ends; anything 7bit cannot carry unchanged goes quoted-printable; either
 // way the body reads back as written.
+// render writes a single 7bit part itself; its bytes are exactly those
+// go-message's writer would write for the same message, headers and all.
+func TestRenderDirectMatchesGoMessage(t *testing.T) {
+	for _, text := range []string{
+		"Hello Ann,\nyour reminder.\r\nBye",
+		strings.Repeat("x", 998),
+		"one line, no break",
+		strings.Repeat("sendonce bench sendonce bench sendonce bench sendonce bench sendonce.\n", 60),
+	} {
+		for _, html := range []bool{false, true} {
+			e := validEmail()
+			e.Text = text
+			e.Headers = map[string]string{"X-Campaign": "winter", "List-Unsubscribe": "<mailto:u@example.org>"}
+			if html {
+				e.Text, e.HTML = "", text
+			}
+			n, err := e.normalize()
+			if err != nil {
+				t.Fatal(err)
+			}
+			render := func(direct bool) string {
+				renderDirect = direct
+				defer func() { renderDirect = true }()
+				data, err := n.render(MessageID("default", "k", "example.org"), time.Unix(1700000000, 0))
+				if err != nil {
+					t.Fatal(err)
+				}
+				return string(data)
+			}
+			direct, viaWriter := render(true), render(false)
+			if !strings.Contains(direct, "Content-Transfer-Encoding: 7bit") {
+				t.Fatalf("%q: not 7bit:\n%s", text, direct)
+			}
+			if direct != viaWriter {
+				t.Errorf("direct render differs from go-message's:\n%q\n%q", direct, viaWriter)
+			}
+		}
+	}
+}
+
 func TestRenderTransferEncoding(t *testing.T) {
 	for _, tc := range []struct {
 		name, text, cte string

@@ -387,14 +387,20 @@ func (b *bencher) drive(ctx context.Context, name string, conc int, f op) (Row, 
 	return row, nil
 }
 
-// body is a text body of about size bytes in 76-character lines.
+// body is a text body of size bytes in 76-character lines of plain
+// ASCII, as most text email is: no line ends in a space, so the message is
+// sent as 7bit, not quoted-printable.
 func body(size int) string {
-	line := strings.Repeat("sendonce bench ", 6)[:75] + "\n"
+	line := strings.Repeat("sendonce bench ", 5)[:74] + ".\n"
 	var sb strings.Builder
 	for sb.Len() < size {
 		sb.WriteString(line)
 	}
-	return sb.String()[:size]
+	b := []byte(sb.String()[:size])
+	if n := len(b); n > 0 && b[n-1] == ' ' {
+		b[n-1] = '.'
+	}
+	return string(b)
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
