@@ -10,7 +10,7 @@ import (
 	"log"
 	"log/slog"
 	"net"
-	netsmtp "net/smtp"
+	"net/textproto"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -111,52 +111,68 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	return nil
 }
 
-// smtpClient is one reused net/smtp connection: MAIL, RCPT, DATA per
-// message, no QUIT between messages.
+// smtpClient is a bare SMTP client on one reused connection that
+// pipelines (RFC 2920) as sendonce's smtp transport does: MAIL, RCPT and
+// DATA in one write, then the body and the final dot. Both servers it
+// drives (the sink and sendonce's front door) advertise PIPELINING.
 type smtpClient struct {
 	addr string
-	c    *netsmtp.Client
+	nc   net.Conn
+	text *textproto.Conn
 }
 
 func (sc *smtpClient) send(from, to string, msg []byte) error {
-	if sc.c == nil {
-		c, err := netsmtp.Dial(sc.addr)
+	if sc.text == nil {
+		nc, err := net.Dial("tcp", sc.addr)
 		if err != nil {
 			return err
 		}
-		if err := c.Hello("localhost"); err != nil {
-			c.Close()
+		text := textproto.NewConn(nc)
+		_, _, err = text.ReadResponse(220)
+		if err == nil {
+			err = text.PrintfLine("EHLO localhost")
+		}
+		if err == nil {
+			_, _, err = text.ReadResponse(250)
+		}
+		if err != nil {
+			nc.Close()
 			return err
 		}
-		sc.c = c
+		sc.nc, sc.text = nc, text
 	}
 	err := func() error {
-		if err := sc.c.Mail(from); err != nil {
+		w := sc.text.W
+		fmt.Fprintf(w, "MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n", from, to)
+		if err := w.Flush(); err != nil {
 			return err
 		}
-		if err := sc.c.Rcpt(to); err != nil {
+		for _, code := range []int{250, 25, 354} {
+			if _, _, err := sc.text.ReadResponse(code); err != nil {
+				return err
+			}
+		}
+		dw := sc.text.DotWriter()
+		if _, err := dw.Write(msg); err != nil {
 			return err
 		}
-		w, err := sc.c.Data()
-		if err != nil {
+		if err := dw.Close(); err != nil {
 			return err
 		}
-		if _, err := w.Write(msg); err != nil {
-			return err
-		}
-		return w.Close()
+		_, _, err := sc.text.ReadResponse(250)
+		return err
 	}()
 	if err != nil {
-		sc.c.Close()
-		sc.c = nil
+		sc.close()
 	}
 	return err
 }
 
 func (sc *smtpClient) close() {
-	if sc.c != nil {
-		_ = sc.c.Quit()
-		sc.c.Close()
+	if sc.text != nil {
+		_ = sc.text.PrintfLine("QUIT")
+		sc.nc.Close()
+		sc.nc, sc.text = nil, nil
 	}
 }
 

@@ -85,6 +85,11 @@ type Options struct {
 	// host (a local relay or a test sink); New rejects it for any other
 	// host.
 	AllowInsecureAuth bool
+	// NoPipelining sends MAIL, each RCPT and DATA one at a time, waiting
+	// for each reply, even to a server that advertises PIPELINING (RFC
+	// 2920). By default they go in one write and their replies are read
+	// in order: one round trip instead of two plus one per recipient.
+	NoPipelining bool
 }
 
 // probeAfter is how long a pooled connection may idle before it is checked
@@ -208,7 +213,45 @@ func (t *Transport) deliver(ctx context.Context, c *conn, msg *transport.Message
 		mail += " SMTPUTF8"
 	}
 	reused := c.sent > 0
-	if _, _, err := c.cmd(ctx, t.opts.CommandTimeout, 250, "%s", mail); err != nil {
+	// With PIPELINING the envelope and DATA leave in one write, and each
+	// reply below is then only read. A failure returns at the first bad
+	// reply and the connection is closed unread: if DATA was accepted, the
+	// server is left in a message that never ends, which it discards (RFC
+	// 5321 §4.1.1.4), so nothing is sent to anyone.
+	pipelined := false
+	if _, ok := c.ext["PIPELINING"]; ok && !t.opts.NoPipelining {
+		pipelined = true
+		if err := c.deadline(ctx, t.opts.CommandTimeout); err != nil {
+			return transport.Receipt{}, classify("mail", err)
+		}
+		w := c.text.W
+		w.WriteString(mail)
+		w.WriteString("\r\n")
+		for _, to := range msg.To {
+			w.WriteString("RCPT TO:<")
+			w.WriteString(to)
+			w.WriteString(">\r\n")
+		}
+		w.WriteString("DATA\r\n")
+		if err := w.Flush(); err != nil {
+			if reused {
+				return transport.Receipt{}, &staleError{classify("mail", err)}
+			}
+			return transport.Receipt{}, classify("mail", err)
+		}
+	}
+	step := func(expect int, format string, args ...any) error {
+		if !pipelined {
+			_, _, err := c.cmd(ctx, t.opts.CommandTimeout, expect, format, args...)
+			return err
+		}
+		if err := c.deadline(ctx, t.opts.CommandTimeout); err != nil {
+			return err
+		}
+		_, _, err := c.text.ReadResponse(expect)
+		return err
+	}
+	if err := step(250, "%s", mail); err != nil {
 		var reply *textproto.Error
 		if reused && (!errors.As(err, &reply) || reply.Code == 421) {
 			return transport.Receipt{}, &staleError{classify("mail", err)}
@@ -216,13 +259,13 @@ func (t *Transport) deliver(ctx context.Context, c *conn, msg *transport.Message
 		return transport.Receipt{}, classify("mail", err)
 	}
 	for _, to := range msg.To {
-		if _, _, err := c.cmd(ctx, t.opts.CommandTimeout, 25, "RCPT TO:<%s>", to); err != nil {
+		if err := step(25, "RCPT TO:<%s>", to); err != nil {
 			e := classify("rcpt", err).(*transport.Error)
 			e.Err = fmt.Errorf("recipient <%s>: %w; no recipient was sent the message, since sendonce delivers to all recipients or none", to, e.Err)
 			return transport.Receipt{}, e
 		}
 	}
-	if _, _, err := c.cmd(ctx, t.opts.CommandTimeout, 354, "DATA"); err != nil {
+	if err := step(354, "DATA"); err != nil {
 		return transport.Receipt{}, classify("data", err)
 	}
 

@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +29,132 @@ func TestConformance(t *testing.T) {
 		}
 		return tr
 	})
+}
+
+// The same suite, every fault at every step, with MAIL, RCPT and DATA
+// sent one at a time as to a server without PIPELINING.
+func TestConformanceWithoutPipelining(t *testing.T) {
+	transporttest.RunTransport(t, func(t *testing.T, sink *transporttest.Sink) transport.Transport {
+		opts := quick
+		opts.NoPipelining = true
+		tr, err := smtp.New(sink.URL(), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr
+	})
+}
+
+// rawServer is a scripted SMTP server: it greets, answers EHLO with exts,
+// then hands each client write it reads to check and writes back what
+// check returns. It records every read, one string per read call.
+func rawServer(t *testing.T, exts []string, check func(read string) string) (url string, reads func() []string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var (
+		mu  sync.Mutex
+		got []string
+	)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		nc.Write([]byte("220 raw ESMTP\r\n"))
+		buf := make([]byte, 64<<10)
+		ehlo := true
+		for {
+			nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			n, err := nc.Read(buf)
+			if err != nil {
+				return
+			}
+			r := string(buf[:n])
+			mu.Lock()
+			got = append(got, r)
+			mu.Unlock()
+			if ehlo {
+				ehlo = false
+				reply := "250-raw"
+				for _, e := range exts {
+					reply += "\r\n250-" + e
+				}
+				nc.Write([]byte(reply + "\r\n250 OK\r\n"))
+				continue
+			}
+			if out := check(r); out != "" {
+				nc.Write([]byte(out))
+			}
+		}
+	}()
+	return "smtp://" + ln.Addr().String(), func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(got)
+	}
+}
+
+// To a server that advertises PIPELINING, MAIL, every RCPT and DATA
+// leave in one write, before any reply is read.
+func TestPipelinesEnvelope(t *testing.T) {
+	url, reads := rawServer(t, []string{"PIPELINING", "SIZE 100000"}, func(r string) string {
+		switch {
+		case strings.HasPrefix(r, "MAIL FROM:"):
+			return "250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
+		case strings.HasSuffix(r, "\r\n.\r\n") || r == ".\r\n":
+			return "250 2.0.0 queued as 42\r\n"
+		}
+		return ""
+	})
+	tr := newTransport(t, url, quick)
+	msg := transporttest.NewMessage("pipelined")
+	msg.To = []string{"a@example.org", "b@example.org"}
+	rcpt, err := tr.Send(ctxFor(t), msg, noCommit)
+	if err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	if !strings.Contains(rcpt.Reply, "queued as 42") {
+		t.Errorf("reply %q", rcpt.Reply)
+	}
+	envelope := reads()[1]
+	want := fmt.Sprintf("MAIL FROM:<%s> SIZE=%d\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n", msg.From, len(msg.Data))
+	if envelope != want {
+		t.Errorf("first write after EHLO = %q, want the whole envelope and DATA in one: %q", envelope, want)
+	}
+}
+
+// A recipient refused in a pipelined envelope fails the send before any
+// byte of the message: DATA's 354 is never answered with a body, and the
+// connection is dropped so the server discards the open transaction.
+func TestPipelinedRecipientRefusedSendsNoBody(t *testing.T) {
+	url, reads := rawServer(t, []string{"PIPELINING"}, func(r string) string {
+		if strings.HasPrefix(r, "MAIL FROM:") {
+			return "250 ok\r\n550 5.1.1 no such user\r\n250 ok\r\n354 go ahead\r\n"
+		}
+		return ""
+	})
+	tr := newTransport(t, url, quick)
+	msg := transporttest.NewMessage("refused")
+	msg.To = []string{"gone@example.org", "b@example.org"}
+	committed := false
+	_, err := tr.Send(ctxFor(t), msg, func(context.Context) error { committed = true; return nil })
+	var te *transport.Error
+	if !errors.As(err, &te) || te.Kind != transport.Permanent || !strings.Contains(err.Error(), "gone@example.org") {
+		t.Fatalf("Send: %v, want a permanent error naming the refused recipient", err)
+	}
+	if committed {
+		t.Error("commit called for a refused envelope")
+	}
+	for _, r := range reads() {
+		if strings.Contains(r, "Subject:") {
+			t.Errorf("the message was written after a refused recipient: %q", r)
+		}
+	}
 }
 
 func newTransport(t *testing.T, url string, opts smtp.Options) *smtp.Transport {
