@@ -255,6 +255,9 @@ type SMTP struct {
 	FinalDotTimeout    Duration `yaml:"final_dot_timeout"`
 	// AllowInsecureAuth permits AUTH without TLS to a loopback relay only.
 	AllowInsecureAuth bool `yaml:"allow_insecure_auth"`
+	// NoPipelining sends MAIL, RCPT and DATA one at a time even to a relay
+	// that offers PIPELINING, for relays that offer it and get it wrong.
+	NoPipelining bool `yaml:"no_pipelining"`
 }
 
 // Dispatch tunes delivery.

@@ -336,6 +336,7 @@ func NewTransport(ctx context.Context, cfg config.Config) (transport.Transport, 
 			CommandTimeout:     time.Duration(cfg.SMTP.CommandTimeout),
 			FinalDotTimeout:    time.Duration(cfg.SMTP.FinalDotTimeout),
 			AllowInsecureAuth:  cfg.SMTP.AllowInsecureAuth,
+			NoPipelining:       cfg.SMTP.NoPipelining,
 		}
 		if cfg.SMTP.InsecureSkipVerify {
 			opts.TLSConfig = &tls.Config{InsecureSkipVerify: true}
