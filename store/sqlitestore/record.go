@@ -17,6 +17,30 @@ type scanner interface{ Scan(dest ...any) error }
 
 // scanRecord scans recordCols, plus data when withData is set.
 func scanRecord(sc scanner, withData bool) (store.Record, error) {
+	r, j, err := scanRaw(sc, withData)
+	if err != nil {
+		return store.Record{}, err
+	}
+	return r, j.decode(&r)
+}
+
+// recordJSON is a record's JSON columns as stored.
+type recordJSON struct{ to, tags string }
+
+// decode sets r's recipients and tags. The writer leaves this to its
+// callers (Claim), so the single writer spends no time on JSON.
+func (j recordJSON) decode(r *store.Record) error {
+	if err := json.Unmarshal([]byte(j.to), &r.To); err != nil {
+		return fmt.Errorf("record %d: rcpt_to: %w", r.ID, err)
+	}
+	if err := json.Unmarshal([]byte(j.tags), &r.Tags); err != nil {
+		return fmt.Errorf("record %d: tags: %w", r.ID, err)
+	}
+	return nil
+}
+
+// scanRaw scans like scanRecord but leaves the JSON columns undecoded.
+func scanRaw(sc scanner, withData bool) (store.Record, recordJSON, error) {
 	var (
 		r                                       store.Record
 		to, tags, state                         string
@@ -30,13 +54,7 @@ func scanRecord(sc scanner, withData bool) (store.Record, error) {
 		dest = append(dest, &r.Data)
 	}
 	if err := sc.Scan(dest...); err != nil {
-		return store.Record{}, err
-	}
-	if err := json.Unmarshal([]byte(to), &r.To); err != nil {
-		return store.Record{}, fmt.Errorf("record %d: rcpt_to: %w", r.ID, err)
-	}
-	if err := json.Unmarshal([]byte(tags), &r.Tags); err != nil {
-		return store.Record{}, fmt.Errorf("record %d: tags: %w", r.ID, err)
+		return store.Record{}, recordJSON{}, err
 	}
 	r.State = store.State(state)
 	r.Committing = committing != 0
@@ -48,7 +66,7 @@ func scanRecord(sc scanner, withData bool) (store.Record, error) {
 	if withData && r.Data == nil {
 		r.Data = []byte{}
 	}
-	return r, nil
+	return r, recordJSON{to, tags}, nil
 }
 
 // nanos stores t as unix nanoseconds; the zero time is 0. Times outside

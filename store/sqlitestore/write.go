@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -81,8 +82,8 @@ func admitOne(ctx context.Context, tx *wtx, a store.Admission, to, tags string) 
 			From: a.From, To: slices.Clone(a.To), Subject: a.Subject, Source: a.Source, State: store.StateQueued,
 			NextAttempt: fromNanos(nanos(next)), CreatedAt: fromNanos(now), UpdatedAt: fromNanos(now),
 		}
-		if err := json.Unmarshal([]byte(tags), &r.Tags); err != nil {
-			return store.AdmitResult{}, err
+		if a.Tags != nil {
+			r.Tags = maps.Clone(a.Tags) // what the stored JSON decodes to
 		}
 		return store.AdmitResult{Outcome: store.OutcomeNew, Record: r}, nil
 	case !errors.Is(err, sql.ErrNoRows):
@@ -127,17 +128,34 @@ func (s *Store) Claim(ctx context.Context, req store.ClaimRequest) ([]store.Reco
 	if err != nil {
 		return nil, err
 	}
-	return v.([]store.Record), nil
+	claimed := v.([]claimedRecord)
+	recs := make([]store.Record, len(claimed))
+	for i, c := range claimed {
+		recs[i] = c.rec
+		if err := c.json.decode(&recs[i]); err != nil {
+			// Claimed and committed: the lease expiry returns it to the
+			// queue, and the next claim fails the same way, loudly.
+			return nil, fmt.Errorf("sqlitestore: claim: %w", err)
+		}
+	}
+	return recs, nil
 }
 
-func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]store.Record, error) {
+// claimedRecord is a record as the writer claimed it, its JSON decoded by
+// Claim's caller rather than by the writer.
+type claimedRecord struct {
+	rec  store.Record
+	json recordJSON
+}
+
+func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]claimedRecord, error) {
 	now := nanos(req.Now)
 	if _, err := tx.ExecContext(ctx, `UPDATE emails SET state = 'in_doubt', last_error = ?, updated_at = ?
 		WHERE state = 'sending' AND committing = 1 AND lease_expiry <= ?`, inDoubtExpired, now, now); err != nil {
 		return nil, err
 	}
 	if req.Limit <= 0 {
-		return []store.Record{}, nil
+		return nil, nil
 	}
 	rows, err := tx.QueryContext(ctx, `SELECT id FROM (
 			SELECT id, due FROM (SELECT id, next_attempt AS due FROM emails
@@ -163,16 +181,16 @@ func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]store.Record
 		return nil, err
 	}
 	expiry := nanos(req.Now.Add(req.Lease))
-	recs := make([]store.Record, 0, len(ids))
+	recs := make([]claimedRecord, 0, len(ids))
 	for _, id := range ids {
-		r, err := scanRecord(tx.QueryRowContext(ctx, `UPDATE emails SET state = 'sending', fence = fence + 1,
+		r, j, err := scanRaw(tx.QueryRowContext(ctx, `UPDATE emails SET state = 'sending', fence = fence + 1,
 			lease_owner = ?, lease_expiry = ?, committing = 0, attempts = attempts + 1, updated_at = ?
 			WHERE id = ? RETURNING `+recordCols+`, (SELECT data FROM email_bodies WHERE email_bodies.id = emails.id)`,
 			req.Owner, expiry, now, id), true)
 		if err != nil {
 			return nil, err
 		}
-		recs = append(recs, r)
+		recs = append(recs, claimedRecord{r, j})
 	}
 	return recs, nil
 }
@@ -226,29 +244,24 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 	if c.Result < store.ResultSent || c.Result > store.ResultRelease {
 		return fmt.Errorf("sqlitestore: complete %d/%d: unknown result %d", c.Lease.ID, c.Lease.Fence, c.Result)
 	}
+	q, args := completion(c)
+	// The update applies exactly when c.Decide would say apply: the same
+	// fence, a record sending or in_doubt, and for a release, sending
+	// without the marker. That is the common case and costs one statement;
+	// only when no row matches does the record's state decide the answer.
+	cond := " WHERE id = ? AND fence = ? AND state IN ('sending', 'in_doubt')"
+	if c.Result == store.ResultRelease {
+		cond = " WHERE id = ? AND fence = ? AND state = 'sending' AND committing = 0"
+	}
 	_, err := s.write(ctx, func(ctx context.Context, tx *wtx) (answer, error) {
-		var (
-			state      string
-			fence      int64
-			committing int64
-		)
-		err := tx.QueryRowContext(ctx, "SELECT state, fence, committing FROM emails WHERE id = ?", c.Lease.ID).
-			Scan(&state, &fence, &committing)
-		if errors.Is(err, sql.ErrNoRows) {
-			return answer{err: fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, store.ErrLeaseLost)}, nil
-		}
+		res, err := tx.ExecContext(ctx, q+cond, append(args, c.Lease.ID, c.Lease.Fence)...)
 		if err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
 		}
-		q, args, lerr := completion(c, store.State(state), fence, committing != 0)
-		if lerr != nil {
-			return answer{err: fmt.Errorf("sqlitestore: complete %d/%d (%s, record %s): %w", c.Lease.ID, c.Lease.Fence, c.Result, state, lerr)}, nil
-		}
-		if q == "" { // an idempotent repeat
-			return answer{}, nil
-		}
-		if _, err := tx.ExecContext(ctx, q+" WHERE id = ? AND fence = ?", append(args, c.Lease.ID, c.Lease.Fence)...); err != nil {
+		if n, err := res.RowsAffected(); err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
+		} else if n == 0 {
+			return answer{err: s.notCompleted(ctx, tx, c)}, nil
 		}
 		if c.PurgeData && (c.Result == store.ResultSent || c.Result == store.ResultFailed) {
 			if _, err := tx.ExecContext(ctx, "DELETE FROM email_bodies WHERE id = ?", c.Lease.ID); err != nil {
@@ -260,13 +273,37 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 	return err
 }
 
-// completion returns the UPDATE (without its WHERE) that writes c's
-// result, "" for an idempotent repeat, or the contract's logical error
-// (store.Completion.Decide).
-func completion(c store.Completion, state store.State, fence int64, committing bool) (string, []any, error) {
-	if apply, err := c.Decide(state, fence, committing); !apply {
-		return "", nil, err
+// notCompleted is the answer to a completion whose update matched no row:
+// nil for an idempotent repeat, else the contract's error
+// (store.Completion.Decide) for the record as it is.
+func (s *Store) notCompleted(ctx context.Context, tx *wtx, c store.Completion) error {
+	var (
+		state      string
+		fence      int64
+		committing int64
+	)
+	err := tx.QueryRowContext(ctx, "SELECT state, fence, committing FROM emails WHERE id = ?", c.Lease.ID).
+		Scan(&state, &fence, &committing)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, store.ErrLeaseLost)
 	}
+	if err != nil {
+		return fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
+	}
+	apply, derr := c.Decide(store.State(state), fence, committing != 0)
+	if derr != nil {
+		return fmt.Errorf("sqlitestore: complete %d/%d (%s, record %s): %w", c.Lease.ID, c.Lease.Fence, c.Result, state, derr)
+	}
+	if apply {
+		// The update's condition and Decide disagree: a bug, not a state.
+		return fmt.Errorf("sqlitestore: complete %d/%d (%s, record %s): no row updated, yet the record allows it", c.Lease.ID, c.Lease.Fence, c.Result, state)
+	}
+	return nil // an idempotent repeat
+}
+
+// completion returns the UPDATE (without its WHERE) that writes c's
+// result.
+func completion(c store.Completion) (string, []any) {
 	now := nanos(c.Now)
 	retryAt := c.RetryAt
 	if retryAt.IsZero() {
@@ -275,23 +312,23 @@ func completion(c store.Completion, state store.State, fence int64, committing b
 	switch c.Result {
 	case store.ResultSent:
 		return `UPDATE emails SET state = 'sent', reply = ?, sent_at = ?, updated_at = ?, lease_expiry = 0`,
-			[]any{c.Reply, now, now}, nil
+			[]any{c.Reply, now, now}
 	case store.ResultFailed:
 		return `UPDATE emails SET state = 'failed', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
-			[]any{c.Error, c.Reply, now}, nil
+			[]any{c.Error, c.Reply, now}
 	case store.ResultRetry:
 		return `UPDATE emails SET state = 'queued', last_error = ?, reply = ?, next_attempt = ?, committing = 0,
 			updated_at = ?, lease_expiry = 0`,
-			[]any{c.Error, c.Reply, nanos(retryAt), now}, nil
+			[]any{c.Error, c.Reply, nanos(retryAt), now}
 	case store.ResultInDoubt:
 		return `UPDATE emails SET state = 'in_doubt', last_error = ?, reply = ?, updated_at = ?, lease_expiry = 0`,
-			[]any{c.Error, c.Reply, now}, nil
+			[]any{c.Error, c.Reply, now}
 	case store.ResultRelease:
 		return `UPDATE emails SET state = 'queued', next_attempt = ?, attempts = attempts - 1, committing = 0,
 			updated_at = ?, lease_expiry = 0`,
-			[]any{nanos(retryAt), now}, nil
+			[]any{nanos(retryAt), now}
 	}
-	return "", nil, store.ErrInvalidState
+	return "", nil // Complete checked the result
 }
 
 // Resolve applies an operator's action to an in_doubt record and advances
