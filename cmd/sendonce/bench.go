@@ -80,14 +80,18 @@ func printBench(w io.Writer, rep *bench.Report) error {
 	fmt.Fprintf(w, "sendonce bench: path %s, %d callers, %s per phase, %d-byte bodies, %s ledger\n\n",
 		rep.Path, rep.Concurrency, rep.Duration, rep.Size, rep.Store)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "path\tops\tthroughput/s\tp50 ms\tp99 ms\tmax ms\tCPU s\tpeak RSS MiB\tceiling\tceiling/s\tratio\t")
+	fmt.Fprintln(tw, "path\tops\tthroughput/s\tp50 ms\tp99 ms\tmax ms\tCPU s\tsteal %\tpeak RSS MiB\tceiling\tceiling/s\tratio\t")
 	for _, r := range rep.Rows {
 		ceil, cps, ratio := "", "", ""
 		if r.Ceiling != "" {
 			ceil, cps, ratio = r.Ceiling, fmt.Sprintf("%.0f", r.CeilingThroughput), fmt.Sprintf("%.2f", r.Ratio)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.0f\t%s\t%s\t%s\t\n",
-			r.Path, r.Ops, r.Throughput, r.P50Ms, r.P99Ms, r.MaxMs, r.CPUSeconds, r.PeakRSSMiB, ceil, cps, ratio)
+		steal := "-"
+		if r.StealPct >= 0 {
+			steal = fmt.Sprintf("%.0f", r.StealPct)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%.0f\t%s\t%s\t%s\t\n",
+			r.Path, r.Ops, r.Throughput, r.P50Ms, r.P99Ms, r.MaxMs, r.CPUSeconds, steal, r.PeakRSSMiB, ceil, cps, ratio)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -100,6 +100,11 @@ type Row struct {
 	// (getrusage ru_maxrss: monotonic over the process's life, so sendonce's
 	// phase always runs first).
 	PeakRSSMiB float64 `json:"peak_rss_mib"`
+	// StealPct is the share of the machine's CPU time that its hypervisor
+	// gave to others during the phase (/proc/stat), -1 where unknown: on a
+	// busy host every phase runs slower, which a ratio to a ceiling measured
+	// in the same conditions absorbs and an absolute rate does not.
+	StealPct float64 `json:"steal_pct"`
 	// Ceiling names the row this one is compared with; empty on ceilings.
 	Ceiling           string  `json:"ceiling,omitempty"`
 	CeilingThroughput float64 `json:"ceiling_throughput_per_s,omitempty"`
@@ -241,6 +246,7 @@ type phase struct {
 	name  string
 	start time.Time
 	ru    syscall.Rusage
+	steal stealMeter
 	mu    sync.Mutex
 	lats  []time.Duration
 	ops   atomic.Int64
@@ -252,6 +258,7 @@ type phase struct {
 func (b *bencher) begin(name string) *phase {
 	p := &phase{name: name, start: time.Now(), stop: make(chan struct{}), done: make(chan struct{})}
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &p.ru)
+	p.steal = startSteal()
 	if b.opts.Progress == nil {
 		close(p.done)
 		return p
@@ -294,7 +301,7 @@ func (p *phase) end(ops int64, elapsed time.Duration) Row {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	cpu := tv(ru.Utime) + tv(ru.Stime) - tv(p.ru.Utime) - tv(p.ru.Stime)
-	row := Row{Path: p.name, Ops: ops, Seconds: elapsed.Seconds(), CPUSeconds: cpu, PeakRSSMiB: float64(ru.Maxrss) / 1024}
+	row := Row{Path: p.name, Ops: ops, Seconds: elapsed.Seconds(), CPUSeconds: cpu, PeakRSSMiB: float64(ru.Maxrss) / 1024, StealPct: p.steal.pct()}
 	if elapsed > 0 {
 		row.Throughput = float64(ops) / elapsed.Seconds()
 	}

@@ -80,6 +80,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 
 	var ru0 syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
+	steal := startSteal()
 	start := time.Now()
 	e := b.email()
 	var n atomic.Int64
@@ -152,6 +153,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 		row.Throughput = float64(row.Ops) / row.Seconds
 	}
 	row.CPUSeconds = tv(ru.Utime) + tv(ru.Stime) - tv(ru0.Utime) - tv(ru0.Stime)
+	row.StealPct = steal.pct()
 	row.PeakRSSMiB = float64(ru.Maxrss) / 1024
 	row.P50Ms, row.P99Ms, row.MaxMs = 0, 0, 0
 	if len(lats) > 0 {
