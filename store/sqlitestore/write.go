@@ -157,18 +157,27 @@ func claim(ctx context.Context, tx *wtx, req store.ClaimRequest) ([]claimedRecor
 	if req.Limit <= 0 {
 		return nil, nil
 	}
-	rows, err := tx.QueryContext(ctx, `SELECT id FROM (
+	// The limit is written into the statement, not bound: SQLite plans a
+	// LIMIT with its value, so a bound one made it parse and plan the
+	// statement again at every claim (a sixth of the claim's CPU in a
+	// profile). Rounded up to a power of two, it needs few statements in
+	// the cache; the rows past req.Limit are not read.
+	lim := 1
+	for lim < req.Limit {
+		lim *= 2
+	}
+	rows, err := tx.QueryContext(ctx, fmt.Sprintf(`SELECT id FROM (
 			SELECT id, due FROM (SELECT id, next_attempt AS due FROM emails
-				WHERE state = 'queued' AND next_attempt <= ?1 ORDER BY next_attempt, id LIMIT ?2)
+				WHERE state = 'queued' AND next_attempt <= ?1 ORDER BY next_attempt, id LIMIT %[1]d)
 			UNION ALL
 			SELECT id, due FROM (SELECT id, lease_expiry AS due FROM emails
-				WHERE state = 'sending' AND committing = 0 AND lease_expiry <= ?1 ORDER BY lease_expiry, id LIMIT ?2)
-		) ORDER BY due, id LIMIT ?2`, now, req.Limit)
+				WHERE state = 'sending' AND committing = 0 AND lease_expiry <= ?1 ORDER BY lease_expiry, id LIMIT %[1]d)
+		) ORDER BY due, id LIMIT %[1]d`, lim), now)
 	if err != nil {
 		return nil, err
 	}
 	var ids []int64
-	for rows.Next() {
+	for len(ids) < req.Limit && rows.Next() {
 		var id int64
 		if err := rows.Scan(&id); err != nil {
 			rows.Close()
