@@ -158,6 +158,7 @@ type Dispatcher struct {
 
 	inflight atomic.Int64
 	done     chan struct{} // a worker finished: capacity is free again
+	requeued atomic.Bool   // a worker put its record back in the queue
 }
 
 // New returns a Dispatcher for cfg.
@@ -201,13 +202,19 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	ticker := time.NewTicker(d.cfg.PollInterval)
 	defer ticker.Stop()
 	failures := 0
+	// due is set while records may be due that no claim has taken: at the
+	// start, after a wake or a tick, and after a claim that filled every
+	// free worker (more may wait behind it). A worker finishing frees
+	// capacity but makes nothing due, so it leads to a claim only while due
+	// is set: without it, every delivery would cost an empty claim.
+	due := true
 	for {
 		if ctx.Err() != nil {
 			return nil
 		}
 		free := d.cfg.Workers - int(d.inflight.Load())
 		full := false
-		if free > 0 {
+		if free > 0 && due {
 			claimed := time.Now() // monotonic: leases are judged by our own clock
 			// The claim is not cut off by shutdown: a claim that committed
 			// must be handed back rather than left to its lease expiry.
@@ -241,6 +248,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 				}(r)
 			}
 			full = len(recs) == free && err == nil
+			due = full || err != nil
 		}
 		if full {
 			continue // more may be due; capacity decides when we wait
@@ -249,8 +257,13 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+			due = true
 		case <-d.cfg.Wake:
+			due = true
 		case <-d.done:
+			if d.requeued.Swap(false) {
+				due = true
+			}
 		}
 	}
 }
@@ -415,6 +428,9 @@ func (d *Dispatcher) deliver(ctx context.Context, r store.Record, claimed time.T
 		log.Error("recording the outcome failed; lease expiry will settle it", "result", c.Result, "err", cerr, "send_err", err)
 		observe(0, cerr)
 		return
+	}
+	if c.Result == store.ResultRetry || c.Result == store.ResultRelease {
+		d.requeued.Store(true) // back in the queue, perhaps due already
 	}
 	lvl := slog.LevelInfo
 	if c.Result != store.ResultSent {
