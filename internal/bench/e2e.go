@@ -35,8 +35,8 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 
 	var (
 		mu        sync.Mutex
-		admitted  = map[string]time.Time{}
-		delivered = map[string]time.Time{} // maildir only
+		admitted  = receipts{}
+		delivered = receipts{} // maildir only
 		sent      atomic.Int64
 		last      time.Time
 	)
@@ -62,7 +62,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 			}
 			now := time.Now()
 			mu.Lock()
-			delivered[r.MessageID] = now
+			delivered[idHash(r.MessageID)] = stamp(now)
 			last = now
 			mu.Unlock()
 			sent.Add(1)
@@ -97,7 +97,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 		}
 		now := time.Now()
 		mu.Lock()
-		admitted[rc.Record.MessageID] = now
+		admitted[idHash(rc.Record.MessageID)] = stamp(now)
 		mu.Unlock()
 		n.Add(1)
 		return 1, nil
@@ -141,7 +141,7 @@ func (b *bencher) e2e(ctx context.Context) ([]Row, error) {
 	lats := make([]time.Duration, 0, len(admitted))
 	for id, at := range admitted {
 		if rt, ok := got[id]; ok {
-			lats = append(lats, max(0, rt.Sub(at)))
+			lats = append(lats, time.Duration(max(0, rt-at)))
 		}
 	}
 	mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"log"
 	"log/slog"
@@ -32,12 +33,28 @@ type sink struct {
 	count  atomic.Int64
 	track  bool
 	mu     sync.Mutex
-	at     map[string]time.Time
+	at     receipts
 	last   time.Time
 }
 
+// receipts maps a Message-ID's hash to a time in nanoseconds since
+// benchEpoch. Neither key nor value holds a pointer, so the garbage
+// collector does not scan the map: with strings and time.Times, a paced
+// run of 720,000 emails made the bench's own heap grow past 800 MiB and
+// its collections take CPU from what was measured, more as the run went.
+type receipts map[uint64]int64
+
+var (
+	benchEpoch = time.Now()
+	idSeed     = maphash.MakeSeed()
+)
+
+func idHash(id string) uint64 { return maphash.String(idSeed, id) }
+
+func stamp(t time.Time) int64 { return int64(t.Sub(benchEpoch)) }
+
 func startSink(track bool) (*sink, error) {
-	s := &sink{served: make(chan struct{}), track: track, at: map[string]time.Time{}}
+	s := &sink{served: make(chan struct{}), track: track, at: receipts{}}
 	s.srv = gosmtp.NewServer(sinkBackend{s})
 	s.srv.Domain = "localhost"
 	s.srv.ErrorLog = log.New(io.Discard, "", 0)
@@ -103,7 +120,7 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	now := time.Now()
 	s.mu.Lock()
 	if id != "" {
-		s.at[id] = now
+		s.at[idHash(id)] = stamp(now)
 	}
 	s.last = now
 	s.mu.Unlock()

@@ -73,6 +73,20 @@ func BenchmarkCeilingBareInsert(b *testing.B) {
 	stop := make(chan struct{})
 	writerDone := make(chan struct{})
 	data := make([]byte, 2048)
+	// Prepared once, as the store prepares its own statements.
+	ins, err := db.Prepare(`INSERT INTO emails
+		(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
+		 next_attempt, created_at, updated_at)
+		VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1)`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ins.Close()
+	body, err := db.Prepare(`INSERT INTO email_bodies (id, data) VALUES (last_insert_rowid(), ?)`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer body.Close()
 	go func() {
 		defer close(writerDone)
 		batch := make([]req, 0, DefaultMaxBatch)
@@ -98,15 +112,12 @@ func BenchmarkCeilingBareInsert(b *testing.B) {
 					return err
 				}
 				defer tx.Rollback()
+				st, bst := tx.Stmt(ins), tx.Stmt(body)
 				for _, r := range batch {
-					if _, err := tx.Exec(`INSERT INTO emails
-						(tenant, idem_key, fingerprint, message_id, mail_from, rcpt_to, subject, tags, source, state,
-						 next_attempt, created_at, updated_at)
-						VALUES ('t', ?, 'fp', '<x@y>', '', '["a@b"]', 'Your receipt', '{"campaign":"bench"}', '', 'queued', 1, 1, 1)`,
-						r.key); err != nil {
+					if _, err := st.Exec(r.key); err != nil {
 						return err
 					}
-					if _, err := tx.Exec(`INSERT INTO email_bodies (id, data) VALUES (last_insert_rowid(), ?)`, data); err != nil {
+					if _, err := bst.Exec(data); err != nil {
 						return err
 					}
 				}
