@@ -270,7 +270,7 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 		if n, err := res.RowsAffected(); err != nil {
 			return answer{}, fmt.Errorf("sqlitestore: complete %d/%d: %w", c.Lease.ID, c.Lease.Fence, err)
 		} else if n == 0 {
-			return answer{err: s.notCompleted(ctx, tx, c)}, nil
+			return answer{err: notCompleted(ctx, tx, c)}, nil
 		}
 		if c.PurgeData && (c.Result == store.ResultSent || c.Result == store.ResultFailed) {
 			if _, err := tx.ExecContext(ctx, "DELETE FROM email_bodies WHERE id = ?", c.Lease.ID); err != nil {
@@ -285,7 +285,7 @@ func (s *Store) Complete(ctx context.Context, c store.Completion) error {
 // notCompleted is the answer to a completion whose update matched no row:
 // nil for an idempotent repeat, else the contract's error
 // (store.Completion.Decide) for the record as it is.
-func (s *Store) notCompleted(ctx context.Context, tx *wtx, c store.Completion) error {
+func notCompleted(ctx context.Context, tx *wtx, c store.Completion) error {
 	var (
 		state      string
 		fence      int64

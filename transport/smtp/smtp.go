@@ -219,6 +219,7 @@ func (t *Transport) deliver(ctx context.Context, c *conn, msg *transport.Message
 	// server is left in a message that never ends, which it discards (RFC
 	// 5321 §4.1.1.4), so nothing is sent to anyone.
 	pipelined := false
+	var writeErr error // a failed pipelined write: MAIL's failure, below
 	if _, ok := c.ext["PIPELINING"]; ok && !t.opts.NoPipelining {
 		pipelined = true
 		if err := c.deadline(ctx, t.opts.CommandTimeout); err != nil {
@@ -233,17 +234,15 @@ func (t *Transport) deliver(ctx context.Context, c *conn, msg *transport.Message
 			w.WriteString(">\r\n")
 		}
 		w.WriteString("DATA\r\n")
-		if err := w.Flush(); err != nil {
-			if reused {
-				return transport.Receipt{}, &staleError{classify("mail", err)}
-			}
-			return transport.Receipt{}, classify("mail", err)
-		}
+		writeErr = w.Flush()
 	}
 	step := func(expect int, format string, args ...any) error {
 		if !pipelined {
 			_, _, err := c.cmd(ctx, t.opts.CommandTimeout, expect, format, args...)
 			return err
+		}
+		if writeErr != nil {
+			return writeErr
 		}
 		if err := c.deadline(ctx, t.opts.CommandTimeout); err != nil {
 			return err
